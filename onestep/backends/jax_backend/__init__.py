@@ -1,0 +1,165 @@
+"""JAX/Equinox implementation of the Backend protocol (see ``onestep.backends.base``).
+
+float64 is enabled process-wide so the derivation checks can run in double
+precision; training arrays and parameters are created in ``self.dtype`` (float32 by
+default) explicitly, never by JAX's default dtype.
+"""
+from __future__ import annotations
+
+import io
+from typing import Callable
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import equinox as eqx  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from ..base import MLPConfig, TrainState, UNetConfig  # noqa: E402
+from ..checkpoint import atomic_write  # noqa: E402
+from .mlp import MLP  # noqa: E402
+from .params import from_flat, to_flat  # noqa: E402
+from .unet import UNet  # noqa: E402
+
+_DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
+
+
+def _is_float_array(x) -> bool:
+    return eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+class JaxBackend:
+    """JAX with jitted train steps (``eqx.filter_jit``) and ``jax.random`` keys."""
+
+    name = "jax"
+    xp = jnp
+
+    def __init__(self, device: str = "auto", precision: str = "float32"):
+        platform = jax.default_backend() if device in ("auto", "cuda", "gpu") else device
+        self.device = jax.devices(platform)[0]
+        self.set_precision(precision)
+        self._compiled: dict = {}
+
+    # -- arrays ---------------------------------------------------------------
+    def set_precision(self, dtype: str) -> None:
+        self.dtype = _DTYPES[dtype]
+        self._compiled = {}
+
+    def from_numpy(self, a, dtype: str | None = None):
+        a = np.asarray(a)
+        if a.dtype.kind == "f":
+            return jnp.asarray(a, dtype=_DTYPES[dtype] if dtype else self.dtype)
+        return jnp.asarray(a)
+
+    def to_numpy(self, a) -> np.ndarray:
+        return np.asarray(a)
+
+    # -- random ---------------------------------------------------------------
+    def key(self, seed: int):
+        return jax.random.key(int(seed))
+
+    def split(self, key, n: int = 2):
+        return list(jax.random.split(key, n))
+
+    def fold_in(self, key, data: int):
+        return jax.random.fold_in(key, data)
+
+    def normal(self, key, shape):
+        return jax.random.normal(key, shape, dtype=self.dtype)
+
+    def uniform(self, key, shape):
+        return jax.random.uniform(key, shape, dtype=self.dtype)
+
+    def randint(self, key, shape, high: int):
+        return jax.random.randint(key, shape, 0, high)
+
+    # -- autodiff -------------------------------------------------------------
+    def jvp(self, fn: Callable, primals: tuple, tangents: tuple):
+        return jax.jvp(fn, primals, tangents)
+
+    def stop_gradient(self, x):
+        return jax.lax.stop_gradient(x)
+
+    # -- models ---------------------------------------------------------------
+    def make_model(self, cfg, key):
+        if isinstance(cfg, MLPConfig):
+            return MLP(cfg, key, self.dtype)
+        if isinstance(cfg, UNetConfig):
+            return UNet(cfg, key, self.dtype)
+        raise TypeError(f"unknown model config {type(cfg).__name__}; expected MLPConfig or UNetConfig")
+
+    def get_params(self, model) -> dict[str, np.ndarray]:
+        return to_flat(model)
+
+    def set_params(self, model, params: dict[str, np.ndarray]):
+        return from_flat(model, params)
+
+    def count_params(self, model) -> int:
+        return sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
+
+    # -- training -------------------------------------------------------------
+    def init_train_state(self, model, lr: float, ema_decay: float, grad_clip: float | None = None):
+        opt = optax.adam(lr)
+        if grad_clip:
+            opt = optax.chain(optax.clip_by_global_norm(grad_clip), opt)
+        opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+        ema = jax.tree.map(lambda x: x, model)
+        return TrainState(model=model, ema=ema, opt_state=opt_state, step=0,
+                          extra={"ema_decay": ema_decay, "optimizer": opt})
+
+    def _compiled_step(self, loss_fn, opt, decay):
+        cache_key = (loss_fn, id(opt), decay)
+        if cache_key not in self._compiled:
+            @eqx.filter_jit
+            def step(model, ema, opt_state, batch, key, step_no):
+                def scalar_loss(m):
+                    return loss_fn(m, ema, batch, key, step_no)
+
+                (loss, aux), grads = eqx.filter_value_and_grad(scalar_loss, has_aux=True)(model)
+                updates, opt_state = opt.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
+                model = eqx.apply_updates(model, updates)
+                ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e) if _is_float_array(p) else e,
+                                   ema, model)
+                return model, ema, opt_state, loss, aux
+
+            self._compiled[cache_key] = step
+        return self._compiled[cache_key]
+
+    def train_step(self, loss_fn, state: TrainState, batch: dict, key):
+        fn = self._compiled_step(loss_fn, state.extra["optimizer"], state.extra["ema_decay"])
+        model, ema, opt_state, loss, aux = fn(state.model, state.ema, state.opt_state, batch, key,
+                                              jnp.asarray(state.step))
+        new = TrainState(model=model, ema=ema, opt_state=opt_state, step=state.step + 1, extra=state.extra)
+        return new, loss, aux
+
+    def inference(self, fn: Callable) -> Callable:
+        return eqx.filter_jit(fn)
+
+    def save(self, state: TrainState, path: str) -> None:
+        def write(f):
+            np.save(f, np.array([state.step], dtype=np.int64))
+            np.save(f, np.frombuffer(self.name.encode(), dtype=np.uint8))
+            buf = io.BytesIO()
+            eqx.tree_serialise_leaves(buf, (state.model, state.ema, state.opt_state))
+            f.write(buf.getvalue())
+
+        atomic_write(path, write)
+
+    def load(self, state: TrainState, path: str) -> TrainState:
+        with open(path, "rb") as f:
+            try:
+                step = int(np.load(f)[0])
+                tag = np.load(f).tobytes().decode()
+            except (ValueError, OSError, UnicodeDecodeError):
+                raise ValueError(f"{path} is not a jax onestep checkpoint") from None
+            if tag != self.name:
+                raise ValueError(f"{path} is a {tag!r} checkpoint, not a jax one")
+            try:
+                model, ema, opt_state = eqx.tree_deserialise_leaves(
+                    f, (state.model, state.ema, state.opt_state))
+            except (RuntimeError, ValueError) as e:
+                raise ValueError(f"checkpoint {path} does not match the model: {e}") from None
+        return TrainState(model=model, ema=ema, opt_state=opt_state, step=step, extra=state.extra)

@@ -1,0 +1,148 @@
+"""PyTorch implementation of the Backend protocol (see ``onestep.backends.base``)."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..base import MLPConfig, TrainState, UNetConfig
+from ..checkpoint import atomic_write
+from ..keys import fold_in_seed, split_seed
+from .mlp import MLP
+from .unet import UNet
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class TorchBackend:
+    """Eager PyTorch; random keys are 63-bit integer seeds for a ``torch.Generator``."""
+
+    name = "torch"
+    xp = torch
+
+    def __init__(self, device: str = "auto", precision: str = "float32"):
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.set_precision(precision)
+
+    # -- arrays ---------------------------------------------------------------
+    def set_precision(self, dtype: str) -> None:
+        self.dtype = _DTYPES[dtype]
+
+    def from_numpy(self, a, dtype: str | None = None):
+        a = np.asarray(a)
+        if a.dtype.kind == "f":
+            return torch.as_tensor(a, dtype=_DTYPES[dtype] if dtype else self.dtype, device=self.device)
+        return torch.as_tensor(a, device=self.device)
+
+    def to_numpy(self, a) -> np.ndarray:
+        return a.detach().cpu().numpy()
+
+    # -- random ---------------------------------------------------------------
+    def key(self, seed: int) -> int:
+        return split_seed(int(seed), 1)[0]
+
+    def split(self, key: int, n: int = 2) -> list[int]:
+        return split_seed(key, n)
+
+    def fold_in(self, key: int, data: int) -> int:
+        return fold_in_seed(key, data)
+
+    def _gen(self, key: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(int(key))
+        return g
+
+    def normal(self, key, shape):
+        return torch.randn(shape, generator=self._gen(key), device=self.device, dtype=self.dtype)
+
+    def uniform(self, key, shape):
+        return torch.rand(shape, generator=self._gen(key), device=self.device, dtype=self.dtype)
+
+    def randint(self, key, shape, high: int):
+        return torch.randint(0, high, shape, generator=self._gen(key), device=self.device)
+
+    # -- autodiff -------------------------------------------------------------
+    def jvp(self, fn: Callable, primals: tuple, tangents: tuple):
+        # Gradients w.r.t. parameters flow through the primal output (torch.func.jvp
+        # keeps the autograd graph of the primal computation).
+        return torch.func.jvp(fn, primals, tangents)
+
+    def stop_gradient(self, x):
+        return x.detach()
+
+    # -- models ---------------------------------------------------------------
+    def make_model(self, cfg, key):
+        torch.manual_seed(int(key))  # module initialisers draw from the global generator
+        if isinstance(cfg, MLPConfig):
+            model = MLP(cfg)
+        elif isinstance(cfg, UNetConfig):
+            model = UNet(cfg)
+        else:
+            raise TypeError(f"unknown model config {type(cfg).__name__}; expected MLPConfig or UNetConfig")
+        return model.to(device=self.device, dtype=self.dtype)
+
+    def get_params(self, model) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+    def set_params(self, model, params: dict[str, np.ndarray]):
+        own = model.state_dict()
+        if set(own) != set(params):
+            raise ValueError(f"parameter names differ: missing {sorted(set(own) - set(params))}, "
+                             f"unexpected {sorted(set(params) - set(own))}")
+        model.load_state_dict({k: torch.as_tensor(params[k], dtype=own[k].dtype, device=self.device)
+                               for k in own})
+        return model
+
+    def count_params(self, model) -> int:
+        return sum(p.numel() for p in model.parameters())
+
+    # -- training -------------------------------------------------------------
+    def init_train_state(self, model, lr: float, ema_decay: float, grad_clip: float | None = None):
+        ema = copy.deepcopy(model).requires_grad_(False)
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        return TrainState(model=model, ema=ema, opt_state=opt, step=0,
+                          extra={"ema_decay": ema_decay, "grad_clip": grad_clip})
+
+    def train_step(self, loss_fn, state: TrainState, batch: dict, key):
+        model, opt = state.model, state.opt_state
+        opt.zero_grad(set_to_none=True)
+        loss, aux = loss_fn(model, state.ema, batch, key, state.step)
+        loss.backward()
+        if state.extra.get("grad_clip"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), state.extra["grad_clip"])
+        opt.step()
+        with torch.no_grad():
+            d = state.extra["ema_decay"]
+            for pe, p in zip(state.ema.parameters(), model.parameters()):
+                pe.lerp_(p, 1.0 - d)
+        state.step += 1
+        return state, loss.detach(), {k: v.detach() for k, v in aux.items()}
+
+    def inference(self, fn: Callable) -> Callable:
+        def wrapped(*args, **kwargs):
+            with torch.no_grad():
+                return fn(*args, **kwargs)
+        return wrapped
+
+    def save(self, state: TrainState, path: str) -> None:
+        blob = {"model": state.model.state_dict(), "ema": state.ema.state_dict(),
+                "opt": state.opt_state.state_dict(), "step": state.step, "backend": self.name}
+        atomic_write(path, lambda f: torch.save(blob, f))
+
+    def load(self, state: TrainState, path: str) -> TrainState:
+        blob = torch.load(path, map_location=self.device, weights_only=False)
+        if not isinstance(blob, dict) or blob.get("backend") != self.name:
+            raise ValueError(f"{path} is not a torch onestep checkpoint "
+                             f"(backend={blob.get('backend') if isinstance(blob, dict) else '?'})")
+        try:
+            state.model.load_state_dict(blob["model"])
+            state.ema.load_state_dict(blob["ema"])
+            state.opt_state.load_state_dict(blob["opt"])
+        except RuntimeError as e:
+            raise ValueError(f"checkpoint {path} does not match the model: {e}") from None
+        state.step = int(blob["step"])
+        return state

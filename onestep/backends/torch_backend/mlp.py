@@ -1,0 +1,34 @@
+"""The MLP for flat data (2-D sets), as a torch ``nn.Module``.
+
+Parameter names and shapes (``layers.{i}.weight`` of shape (out, in), ``label_emb.weight``)
+are the exchange format shared with the JAX backend's MLP.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..base import MLPConfig
+from ..embedding import embed_conditions
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: MLPConfig):
+        super().__init__()
+        self.cfg = cfg
+        in_dim = cfg.data_dim + cfg.n_cond * cfg.emb_dim + (cfg.emb_dim if cfg.n_classes else 0)
+        dims = [in_dim] + [cfg.width] * cfg.depth + [cfg.data_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        if cfg.n_classes:
+            self.label_emb = nn.Embedding(cfg.n_classes + 1, cfg.emb_dim)  # last row: "no label"
+
+    def forward(self, x, cond, y=None):
+        h = [x, embed_conditions(torch, cond, self.cfg.emb_dim)]
+        if self.cfg.n_classes:
+            if y is None:
+                y = torch.full((x.shape[0],), self.cfg.n_classes, device=x.device, dtype=torch.long)
+            h.append(self.label_emb(y))
+        h = torch.cat(h, dim=1)
+        for layer in self.layers[:-1]:
+            h = nn.functional.silu(layer(h))
+        return self.layers[-1](h)
