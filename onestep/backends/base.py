@@ -103,3 +103,10 @@ class Backend(Protocol):
     def inference(self, fn: Callable) -> Callable: ...
     def save(self, state: TrainState, path: str) -> None: ...
     def load(self, state: TrainState, path: str) -> TrainState: ...
+
+
+def model_shape(cfg: ModelConfig) -> tuple[int, ...]:
+    """Per-sample array shape a network takes and returns (flat for an MLP)."""
+    if isinstance(cfg, MLPConfig):
+        return (cfg.data_dim,)
+    return (cfg.channels, cfg.size, cfg.size)

@@ -1,0 +1,6 @@
+"""``python -m onestep``: see ``onestep.cli``."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

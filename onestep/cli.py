@@ -1,0 +1,238 @@
+"""Command line: ``python -m onestep train | sample | evaluate | batch``.
+
+Bad input stops at once with a message naming the bad value and the accepted ones
+(argparse ``choices`` and the validators below); an existing run directory is only
+replaced with ``--overwrite``, and only after the new run succeeded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from .backends import BACKENDS
+from .presets import SCALES
+
+CKPT = "checkpoint"
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .data import DATASETS
+    from .methods import METHODS
+    from .sample import SOLVERS
+
+    p = argparse.ArgumentParser(prog="python -m onestep", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one method on one data set; writes a run directory")
+    t.add_argument("--method", required=True, choices=METHODS)
+    t.add_argument("--backend", default="torch", choices=BACKENDS)
+    t.add_argument("--dataset", required=True, choices=DATASETS)
+    t.add_argument("--scale", default="smoke", choices=SCALES)
+    t.add_argument("--seed", type=non_negative_int, default=0)
+    t.add_argument("--out", required=True, help="run directory to create")
+    t.add_argument("--conditional", action="store_true", help="class-conditional (labelled data sets)")
+    t.add_argument("--steps", type=positive_int, help="override the preset's number of training steps")
+    t.add_argument("--batch-size", type=positive_int, help="override the preset's batch size")
+    t.add_argument("--device", default="auto")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+
+    s = sub.add_parser("sample", help="generate samples from a trained run")
+    s.add_argument("--run", required=True)
+    s.add_argument("--steps", type=positive_int, default=1, help="sampler steps (ODE steps for FM)")
+    s.add_argument("--solver", default="heun", choices=SOLVERS)
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--noise", help=".npy file of shape (n, d): the noise x1 to transport")
+    src.add_argument("--n", type=positive_int, help="number of samples (noise drawn from --seed)")
+    s.add_argument("--seed", type=non_negative_int, default=0)
+    s.add_argument("--label", type=non_negative_int, help="class label for conditional runs")
+    s.add_argument("--out", required=True, help="output .npy file")
+    s.add_argument("--device", default="auto")
+
+    e = sub.add_parser("evaluate", help="sample from a run and print the standard metrics as JSON")
+    e.add_argument("--run", required=True)
+    e.add_argument("--steps", type=positive_int, default=128)
+    e.add_argument("--solver", default="heun", choices=SOLVERS)
+    e.add_argument("--n", type=positive_int, default=2000)
+    e.add_argument("--seed", type=non_negative_int, default=0)
+    e.add_argument("--device", default="auto")
+
+    b = sub.add_parser("batch", help="execute chapters with papermill")
+    b.add_argument("--scale", default="full", choices=SCALES)
+    b.add_argument("--backend", default="torch", choices=BACKENDS)
+    b.add_argument("--chapters", required=True, help="comma-separated chapter names, or 'all'")
+    b.add_argument("--out", required=True)
+    b.add_argument("--seed", type=non_negative_int, default=0)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--overwrite", action="store_true")
+    return p
+
+
+# -- train -----------------------------------------------------------------------------
+def _train(args) -> dict:
+    from dataclasses import replace
+
+    from . import get_backend
+    from .evaluation import evaluate
+    from .presets import run_preset
+    from .runs import RunDir, provenance
+    from .train import fit
+
+    preset = run_preset(args.method, args.dataset, args.scale, conditional=args.conditional)
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v}
+    if overrides:
+        preset = replace(preset, train=replace(preset.train, **overrides))
+    run = RunDir(args.out, overwrite=args.overwrite, resume=args.resume)
+    bk = get_backend(args.backend, device=args.device)
+    run.write_json("run.json", {"method": args.method, "dataset": args.dataset, "scale": args.scale,
+                                "backend": args.backend, "seed": args.seed,
+                                "conditional": args.conditional, "preset": preset,
+                                "provenance": provenance(bk)})
+    start = time.perf_counter()
+    state, history, _ = fit(bk, preset, seed=args.seed, ckpt_path=run.file(CKPT), resume=args.resume)
+    seconds = time.perf_counter() - start
+    samples, labels = _generate(bk, state.ema, preset, n=2000 if preset.n_train else 1000,
+                                seed=args.seed, steps=32, solver="heun")
+    metrics = {"train_seconds": seconds, "steps": state.step, "final_loss": history[-1][1],
+               "loss_history": history, "eval": {"sampler": "heun", "steps": 32,
+                                                 **evaluate(args.dataset, samples, labels)}}
+    run.write_json("metrics.json", metrics)
+    path = run.commit()
+    print(json.dumps({"run": path, "final_loss": metrics["final_loss"], **metrics["eval"]}, indent=2))
+    return metrics
+
+
+# -- rebuilding a trained run ---------------------------------------------------------------
+def load_run(path: str, device: str = "auto"):
+    """``(backend, ema_model, preset, run_info)`` of a committed run directory."""
+    from . import get_backend
+    from .presets import run_preset
+    from .runs import read_run
+    from .train import run_keys
+
+    info = read_run(path)
+    preset = run_preset(info["method"], info["dataset"], info["scale"], conditional=info["conditional"])
+    saved = info["preset"]["model"]
+    if {k: v for k, v in saved.items() if k != "type"} != _jsonable_fields(preset.model):
+        raise ValueError(f"the network recorded in {path}/run.json no longer matches the preset "
+                         f"({saved} vs {preset.model}); retrain the run")
+    bk = get_backend(info["backend"], device=device)
+    model = bk.make_model(preset.model, run_keys(bk, info["seed"])[0])
+    state = bk.init_train_state(model, lr=preset.train.lr, ema_decay=preset.train.ema_decay)
+    ckpt = os.path.join(path, CKPT)
+    if not os.path.isfile(ckpt):
+        raise FileNotFoundError(f"no checkpoint at {ckpt}")
+    state = bk.load(state, ckpt)
+    return bk, state.ema, preset, info
+
+
+def _jsonable_fields(cfg) -> dict:
+    from .runs import to_jsonable
+    return {k: v for k, v in to_jsonable(cfg).items() if k != "type"}
+
+
+def _generate(bk, model, preset, n: int, seed: int, steps: int, solver: str, noise=None, label=None):
+    """Samples of a run's model from given or seeded noise; labels cycle 0..K-1 if conditional."""
+    from .backends.base import model_shape
+    from .data import dataset_info
+    from .methods import get_method
+
+    shape = dataset_info(preset.dataset).shape
+    in_shape = model_shape(preset.model)
+    if noise is None:
+        noise = np.random.default_rng(seed).standard_normal((n, *in_shape))
+    else:
+        noise = np.asarray(noise)
+        if noise.ndim != 1 + len(in_shape) or noise.shape[1:] != in_shape:
+            raise ValueError(f"noise has shape {noise.shape}; this run needs (n, {', '.join(map(str, in_shape))})")
+    labels = None
+    n_classes = preset.model.n_classes
+    if n_classes:
+        labels = (np.full(len(noise), label) if label is not None else np.arange(len(noise)) % n_classes)
+        if labels.max() >= n_classes:
+            raise ValueError(f"label {int(labels.max())} out of range; accepted: 0..{n_classes - 1}")
+    elif label is not None:
+        raise ValueError("--label given but the run is not class-conditional")
+    y = None if labels is None else bk.from_numpy(labels)
+    out = get_method(preset.method).generate(bk, model, bk.from_numpy(noise), steps, solver, y=y)
+    return bk.to_numpy(out).reshape((len(noise), *shape)), labels
+
+
+def _sample(args) -> None:
+    bk, model, preset, info = load_run(args.run, args.device)
+    noise = None
+    if args.noise:
+        if not os.path.isfile(args.noise):
+            raise FileNotFoundError(f"noise file {args.noise} does not exist")
+        noise = np.load(args.noise)
+    x, _ = _generate(bk, model, preset, n=args.n or 1000, seed=args.seed, steps=args.steps,
+                     solver=args.solver, noise=noise, label=args.label)
+    from .backends.checkpoint import atomic_write
+    atomic_write(args.out, lambda f: np.save(f, x))
+    print(f"wrote {x.shape} samples to {args.out}")
+
+
+def _evaluate(args) -> None:
+    from .evaluation import evaluate
+
+    bk, model, preset, info = load_run(args.run, args.device)
+    x, labels = _generate(bk, model, preset, n=args.n, seed=args.seed, steps=args.steps, solver=args.solver)
+    print(json.dumps({"run": args.run, "sampler": args.solver, "steps": args.steps,
+                      **evaluate(preset.dataset, x, labels)}, indent=2))
+
+
+def _batch(args) -> None:
+    from .notebooks import chapter_name, chapters, execute
+
+    available = {chapter_name(p): p for p in chapters()}
+    names = list(available) if args.chapters == "all" else [c.strip() for c in args.chapters.split(",")]
+    unknown = [c for c in names if c not in available]
+    if unknown:
+        raise ValueError(f"unknown chapter(s) {', '.join(unknown)}; accepted: {', '.join(available)}")
+    for name in names:
+        out = os.path.join(args.out, f"{name}-{args.backend}-{args.scale}")
+        if os.path.exists(out) and not args.overwrite:
+            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    for name in names:
+        out = os.path.join(args.out, f"{name}-{args.backend}-{args.scale}")
+        params = {"backend": args.backend, "scale": args.scale, "seed": args.seed,
+                  "out_dir": out, "device": args.device}
+        start = time.perf_counter()
+        execute(available[name], params, out + ".ipynb", cwd=os.path.dirname(os.path.abspath(available[name])))
+        print(f"{name}: {time.perf_counter() - start:.0f} s -> {out}")
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        {"train": _train, "sample": _sample, "evaluate": _evaluate, "batch": _batch}[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

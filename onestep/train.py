@@ -1,0 +1,133 @@
+"""The training loop shared by every method and both backends.
+
+Step ``i`` uses the random key ``fold_in(key(seed), i)`` and the minibatch
+``batch_indices(n, batch, seed, i)``: nothing depends on how the run got to step i,
+so a run resumed from a checkpoint reaches the same weights as one that never stopped.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass, replace
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .backends.base import model_shape
+from .data import batch_indices
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of one run (values per scale live in ``presets``)."""
+
+    steps: int
+    batch_size: int
+    lr: float = 1e-3
+    ema_decay: float = 0.999
+    grad_clip: float | None = None
+    log_every: int = 100
+    ckpt_every: int = 0  # 0: only at the end (when a checkpoint path is given)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
+
+
+def _show_progress(progress) -> bool:
+    if progress is not None:
+        return bool(progress)
+    setting = os.environ.get("ONESTEP_PROGRESS", "auto")
+    return setting == "1" or (setting == "auto" and sys.stderr.isatty() and not os.environ.get("CI"))
+
+
+def train(bk, loss_fn, state, data, cfg: TrainConfig, seed: int, ckpt_path: str | None = None,
+          resume: bool = False, progress: bool | None = None):
+    """Run ``cfg.steps`` optimisation steps; returns ``(state, history)``.
+
+    ``data`` has ``x`` (numpy, float) and optionally ``y`` (int labels).  The data set is
+    moved to the device once; minibatches are gathered there.  ``history`` holds
+    ``(step, loss)`` at every ``log_every`` steps.  With ``resume`` and an existing
+    checkpoint at ``ckpt_path`` the run continues from it.
+    """
+    if resume and ckpt_path and os.path.exists(ckpt_path):
+        state = bk.load(state, ckpt_path)
+    x_all = bk.from_numpy(data.x)
+    y_all = bk.from_numpy(data.y) if getattr(data, "y", None) is not None else None
+    _, base_key = run_keys(bk, seed)
+    history: list[tuple[int, float]] = []
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not _show_progress(progress),
+               desc="train", leave=False)
+    while state.step < cfg.steps:
+        step = state.step
+        idx = bk.from_numpy(batch_indices(len(data.x), cfg.batch_size, seed, step))
+        batch = {"x": x_all[idx], "y": None if y_all is None else y_all[idx]}
+        state, loss, _ = bk.train_step(loss_fn, state, batch, bk.fold_in(base_key, step))
+        done = state.step
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            value = float(loss)
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"loss became {value} at step {done}; "
+                                    f"last good checkpoint kept at {ckpt_path or '(none written)'}")
+            history.append((done, value))
+            bar.set_postfix(loss=f"{value:.4f}")
+        if ckpt_path and cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.steps:
+            _check_finite(bk, state, done, ckpt_path)
+            bk.save(state, ckpt_path)
+        bar.update(1)
+    bar.close()
+    if ckpt_path:
+        _check_finite(bk, state, state.step, ckpt_path)
+        bk.save(state, ckpt_path)
+    return state, history
+
+
+def _check_finite(bk, state, step: int, ckpt_path: str) -> None:
+    """Refuse to overwrite a good checkpoint with non-finite weights."""
+    for name, value in bk.get_params(state.model).items():
+        if not np.all(np.isfinite(value)):
+            raise NonFiniteLoss(f"parameter {name} is not finite at step {step}; "
+                                f"last good checkpoint kept at {ckpt_path}")
+
+
+def as_model_input(data, model_cfg):
+    """The data set with samples reshaped to what the network takes (flat for an MLP)."""
+    shape = model_shape(model_cfg)
+    if data.x.shape[1:] == shape:
+        return data
+    return replace(data, x=data.x.reshape((len(data.x), *shape)))
+
+
+def run_keys(bk, seed: int):
+    """The (model-initialisation, training) keys of a run with this seed."""
+    return bk.split(bk.key(seed), 2)
+
+
+def fit(bk, preset, seed: int = 0, ckpt_path: str | None = None, resume: bool = False,
+        progress: bool | None = None, data=None):
+    """Build the data, model and loss of a ``RunPreset`` and train it.
+
+    Returns ``(state, history, data)``; ``data`` is the training set that was used.
+    """
+    from .data import load
+    from .methods import get_method
+
+    if data is None:
+        data = load(preset.dataset, n=preset.n_train, seed=seed, split="train")
+    data = as_model_input(data, preset.model)
+    model_key, _ = run_keys(bk, seed)
+    state = bk.init_train_state(bk.make_model(preset.model, model_key), lr=preset.train.lr,
+                                ema_decay=preset.train.ema_decay, grad_clip=preset.train.grad_clip)
+    loss_fn = get_method(preset.method).make_loss(bk, preset.method_cfg)
+    state, history = train(bk, loss_fn, state, data, preset.train, seed, ckpt_path=ckpt_path,
+                           resume=resume, progress=progress)
+    return state, history, data
