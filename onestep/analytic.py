@@ -54,6 +54,12 @@ class _Flow:
         """Exact log density of the data distribution (the marginal at t = 0)."""
         return self.marginal_log_prob(x, 0.0)
 
+    def trajectory(self, z, times) -> np.ndarray:
+        """The PF-ODE path of points ``z`` given at ``times[0]``, at every time in ``times``:
+        shape ``(len(times), n, d)``."""
+        z = self._points(z)
+        return np.stack([self.flow_map(z, times[0], s) for s in times])
+
     def average_velocity(self, z, r, t) -> np.ndarray:
         """``u(z, r, t) = (z - Phi_{t->r}(z)) / (t - r)``; the velocity ``v(z, t)`` on rows with r == t."""
         z = self._points(z)
@@ -216,6 +222,24 @@ class GaussianMixture(_Flow):
         return out
 
 
+    def trajectory(self, z, times) -> np.ndarray:
+        """The PF-ODE path of ``z`` (given at ``times[0]``) at every time in the monotone
+        ``times``, from one DOP853 solve with dense output: ``(len(times), n, d)``."""
+        z = self._points(z)
+        times = np.asarray(times, dtype=float)
+        if len(times) < 2 or not (np.all(np.diff(times) < 0) or np.all(np.diff(times) > 0)):
+            raise ValueError("times must be strictly monotone with at least two entries")
+
+        def rhs(tau, y):
+            return self.velocity(y.reshape(z.shape), tau).ravel()
+
+        sol = solve_ivp(rhs, (times[0], times[-1]), z.ravel(), method="DOP853", t_eval=times,
+                        rtol=_ODE_RTOL, atol=_ODE_ATOL)
+        if not sol.success:
+            raise RuntimeError(f"trajectory ODE solve failed: {sol.message}")
+        return sol.y.T.reshape(len(times), *z.shape)
+
+
 def eight_gaussians() -> GaussianMixture:
     """The 2-D toy: 8 equal components at ``4 d_k / sqrt(2)`` (d_k at 0, 45, ..., 315 deg), std ``0.5 / sqrt(2)``."""
     angles = np.deg2rad(45.0 * np.arange(8))
@@ -253,3 +277,9 @@ def w2_gaussians(m1, S1, m2, S2) -> float:
     cross_trace = np.sqrt(np.clip(np.linalg.eigvalsh(0.5 * (cross + cross.T)), 0.0, None)).sum()
     w2_sq = ((m1 - m2) ** 2).sum() + np.trace(S1) + np.trace(S2) - 2.0 * cross_trace
     return float(np.sqrt(max(w2_sq, 0.0)))
+
+
+def oracle_velocity(bk, oracle, z, t, y=None):
+    """An oracle's exact velocity in the signature samplers expect (``sample.integrate``
+    with ``sample.NUMPY`` as the backend), so exact fields run through the same solvers."""
+    return oracle.velocity(z, float(t))

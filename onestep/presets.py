@@ -44,13 +44,13 @@ def _model(dataset: str, scale: str, n_cond: int, conditional: bool):
     info = dataset_info(dataset)
     n_classes = info.n_classes if conditional else 0
     if len(info.shape) == 1:
-        width, depth = {"smoke": (64, 2), "book": (256, 3), "full": (512, 4)}[scale]
+        width, depth = {"smoke": (64, 2), "book": (128, 3), "full": (512, 4)}[scale]
         return MLPConfig(data_dim=info.shape[0], n_cond=n_cond, width=width, depth=depth,
                          n_classes=n_classes)
     channels, size, _ = info.shape
     if dataset == "digits" and scale != "full":
         # 8x8 digits are small enough for an MLP on flat pixels, far cheaper on a CPU.
-        width, depth = {"smoke": (128, 2), "book": (512, 3)}[scale]
+        width, depth = {"smoke": (128, 2), "book": (256, 3)}[scale]
         return MLPConfig(data_dim=channels * size * size, n_cond=n_cond, width=width, depth=depth,
                          n_classes=n_classes)
     base, mults = {"digits": (64, (1, 2)), "mnist": (64, (1, 2, 2)), "cifar10": (128, (1, 2, 2, 2))}[dataset]
@@ -66,8 +66,8 @@ def _train(dataset: str, scale: str) -> TrainConfig:
         return TrainConfig(steps=300, batch_size=256, lr=2e-3, ema_decay=0.99, log_every=50)
     if scale == "book":
         if synthetic:
-            return TrainConfig(steps=5000, batch_size=1024, lr=1e-3, ema_decay=0.999, log_every=250)
-        return TrainConfig(steps=4000, batch_size=256, lr=1e-3, ema_decay=0.999, log_every=250)
+            return TrainConfig(steps=3000, batch_size=512, lr=1e-3, ema_decay=0.999, log_every=250)
+        return TrainConfig(steps=2000, batch_size=256, lr=1e-3, ema_decay=0.999, log_every=250)
     if synthetic:
         return TrainConfig(steps=20000, batch_size=4096, lr=1e-3, ema_decay=0.9995, log_every=500,
                            ckpt_every=5000)
@@ -107,8 +107,9 @@ class FlowMatchingChapter:
     n_eval: int = 2000  # samples for W2 / MMD / likelihood
     n_map: int = 2000  # noise points for the flow-map error against the exact map
     step_counts: tuple = (1, 2, 4, 8, 16, 32, 64, 128)
+    image_step_counts: tuple = (1, 2, 4, 16, 64)
     n_images: int = 1000  # generated images for the classifier-feature Fréchet distance
-    anim_frames: int = 41
+    anim_frames: int = 25
 
 
 def flow_matching_chapter(scale: str) -> FlowMatchingChapter:
@@ -118,7 +119,7 @@ def flow_matching_chapter(scale: str) -> FlowMatchingChapter:
             "digits": run_preset("fm", "digits", scale, conditional=True)}
     if scale == "smoke":
         return FlowMatchingChapter(runs=runs, n_eval=500, n_map=300, step_counts=(1, 2, 4, 8),
-                                   n_images=200, anim_frames=5)
+                                   image_step_counts=(1, 4), n_images=300, anim_frames=4)
     if scale == "book":
         return FlowMatchingChapter(runs=runs)
     runs["mnist"] = run_preset("fm", "mnist", scale, conditional=True)

@@ -1,6 +1,6 @@
 """The training loop shared by every method and both backends.
 
-Step ``i`` uses the random key ``fold_in(key(seed), i)`` and the minibatch
+Step ``i`` uses the random key ``fold_in(train_key, i)`` and the minibatch
 ``batch_indices(n, batch, seed, i)``: nothing depends on how the run got to step i,
 so a run resumed from a checkpoint reaches the same weights as one that never stopped.
 """
@@ -61,17 +61,15 @@ def train(bk, loss_fn, state, data, cfg: TrainConfig, seed: int, ckpt_path: str 
     """
     if resume and ckpt_path and os.path.exists(ckpt_path):
         state = bk.load(state, ckpt_path)
-    x_all = bk.from_numpy(data.x)
-    y_all = bk.from_numpy(data.y) if getattr(data, "y", None) is not None else None
+    on_device = {"x": bk.from_numpy(data.x),
+                 "y": bk.from_numpy(data.y) if getattr(data, "y", None) is not None else None}
     _, base_key = run_keys(bk, seed)
     history: list[tuple[int, float]] = []
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not _show_progress(progress),
                desc="train", leave=False)
     while state.step < cfg.steps:
-        step = state.step
-        idx = bk.from_numpy(batch_indices(len(data.x), cfg.batch_size, seed, step))
-        batch = {"x": x_all[idx], "y": None if y_all is None else y_all[idx]}
-        state, loss, _ = bk.train_step(loss_fn, state, batch, bk.fold_in(base_key, step))
+        idx = batch_indices(len(data.x), cfg.batch_size, seed, state.step)
+        state, loss, _ = bk.train_step(loss_fn, state, on_device, idx, base_key)
         done = state.step
         if done % cfg.log_every == 0 or done == cfg.steps:
             value = float(loss)

@@ -338,3 +338,16 @@ def test_input_validation():
         g.velocity(np.zeros((3, 3)), 0.5)
     with pytest.raises(ValueError):
         g.velocity(np.zeros((3, 2)), np.zeros(4))
+
+
+def test_trajectory_matches_flow_maps():
+    """One dense-output solve gives the same path as separate flow maps, for both classes."""
+    z = np.random.default_rng(11).normal(size=(40, 2))
+    times = np.linspace(1.0, 0.0, 6)
+    for dist in (eight_gaussians(), Gaussian([1.0, -0.5], [[1.0, 0.8], [0.8, 1.0]])):
+        path = dist.trajectory(z, times)
+        assert path.shape == (6, 40, 2)
+        expected = np.stack([dist.flow_map(z, 1.0, s) for s in times])
+        assert np.max(np.abs(path - expected)) < 1e-8
+    with pytest.raises(ValueError, match="monotone"):
+        eight_gaussians().trajectory(z, [1.0, 0.5, 0.7])

@@ -17,6 +17,9 @@ Conventions shared by both implementations:
   (label ``n_classes`` means "no label", for classifier-free guidance).
 * Training state is a :class:`TrainState`; ``train_step`` returns a new one (JAX)
   or the same one updated in place (torch) -- callers always use the returned one.
+  ``train_step(loss_fn, state, data, idx, key)`` gathers the minibatch ``data[k][idx]``
+  and calls ``loss_fn(model, ema, batch, fold_in(key, state.step), state.step)`` inside
+  its compiled region, so a JAX step is one dispatch.
 """
 from __future__ import annotations
 
@@ -98,7 +101,7 @@ class Backend(Protocol):
     # -- training -------------------------------------------------------------
     def init_train_state(self, model: Any, lr: float, ema_decay: float,
                          grad_clip: float | None = None) -> TrainState: ...
-    def train_step(self, loss_fn: LossFn, state: TrainState, batch: dict,
+    def train_step(self, loss_fn: LossFn, state: TrainState, data: dict, idx: np.ndarray,
                    key: Any) -> tuple[TrainState, Any, dict]: ...
     def inference(self, fn: Callable) -> Callable: ...
     def save(self, state: TrainState, path: str) -> None: ...

@@ -6,7 +6,6 @@ default) explicitly, never by JAX's default dtype.
 """
 from __future__ import annotations
 
-import io
 from typing import Callable
 
 import jax
@@ -25,6 +24,7 @@ from .params import from_flat, to_flat  # noqa: E402
 from .unet import UNet  # noqa: E402
 
 _DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
+_MAGIC = b"onestep-jax-checkpoint\n"
 
 
 def _is_float_array(x) -> bool:
@@ -114,9 +114,12 @@ class JaxBackend:
         cache_key = (loss_fn, id(opt), decay)
         if cache_key not in self._compiled:
             @eqx.filter_jit
-            def step(model, ema, opt_state, batch, key, step_no):
+            def step(model, ema, opt_state, data, idx, key, step_no):
+                batch = {k: None if v is None else v[idx] for k, v in data.items()}
+                step_key = jax.random.fold_in(key, step_no)
+
                 def scalar_loss(m):
-                    return loss_fn(m, ema, batch, key, step_no)
+                    return loss_fn(m, ema, batch, step_key, step_no)
 
                 (loss, aux), grads = eqx.filter_value_and_grad(scalar_loss, has_aux=True)(model)
                 updates, opt_state = opt.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
@@ -128,10 +131,10 @@ class JaxBackend:
             self._compiled[cache_key] = step
         return self._compiled[cache_key]
 
-    def train_step(self, loss_fn, state: TrainState, batch: dict, key):
+    def train_step(self, loss_fn, state: TrainState, data: dict, idx, key):
         fn = self._compiled_step(loss_fn, state.extra["optimizer"], state.extra["ema_decay"])
-        model, ema, opt_state, loss, aux = fn(state.model, state.ema, state.opt_state, batch, key,
-                                              jnp.asarray(state.step))
+        model, ema, opt_state, loss, aux = fn(state.model, state.ema, state.opt_state, data,
+                                              np.asarray(idx), key, np.asarray(state.step, np.uint32))
         new = TrainState(model=model, ema=ema, opt_state=opt_state, step=state.step + 1, extra=state.extra)
         return new, loss, aux
 
@@ -140,26 +143,19 @@ class JaxBackend:
 
     def save(self, state: TrainState, path: str) -> None:
         def write(f):
-            np.save(f, np.array([state.step], dtype=np.int64))
-            np.save(f, np.frombuffer(self.name.encode(), dtype=np.uint8))
-            buf = io.BytesIO()
-            eqx.tree_serialise_leaves(buf, (state.model, state.ema, state.opt_state))
-            f.write(buf.getvalue())
+            f.write(_MAGIC + int(state.step).to_bytes(8, "little"))
+            eqx.tree_serialise_leaves(f, (state.model, state.ema, state.opt_state))
 
         atomic_write(path, write)
 
     def load(self, state: TrainState, path: str) -> TrainState:
         with open(path, "rb") as f:
-            try:
-                step = int(np.load(f)[0])
-                tag = np.load(f).tobytes().decode()
-            except (ValueError, OSError, UnicodeDecodeError):
-                raise ValueError(f"{path} is not a jax onestep checkpoint") from None
-            if tag != self.name:
-                raise ValueError(f"{path} is a {tag!r} checkpoint, not a jax one")
+            if f.read(len(_MAGIC)) != _MAGIC:
+                raise ValueError(f"{path} is not a jax onestep checkpoint")
+            step = int.from_bytes(f.read(8), "little")
             try:
                 model, ema, opt_state = eqx.tree_deserialise_leaves(
                     f, (state.model, state.ema, state.opt_state))
-            except (RuntimeError, ValueError) as e:
+            except (RuntimeError, ValueError, EOFError) as e:
                 raise ValueError(f"checkpoint {path} does not match the model: {e}") from None
         return TrainState(model=model, ema=ema, opt_state=opt_state, step=step, extra=state.extra)

@@ -107,10 +107,12 @@ class TorchBackend:
         return TrainState(model=model, ema=ema, opt_state=opt, step=0,
                           extra={"ema_decay": ema_decay, "grad_clip": grad_clip})
 
-    def train_step(self, loss_fn, state: TrainState, batch: dict, key):
+    def train_step(self, loss_fn, state: TrainState, data: dict, idx, key):
         model, opt = state.model, state.opt_state
+        idx = torch.as_tensor(idx, device=self.device)
+        batch = {k: None if v is None else v[idx] for k, v in data.items()}
         opt.zero_grad(set_to_none=True)
-        loss, aux = loss_fn(model, state.ema, batch, key, state.step)
+        loss, aux = loss_fn(model, state.ema, batch, self.fold_in(key, state.step), state.step)
         loss.backward()
         if state.extra.get("grad_clip"):
             torch.nn.utils.clip_grad_norm_(model.parameters(), state.extra["grad_clip"])
@@ -134,7 +136,10 @@ class TorchBackend:
         atomic_write(path, lambda f: torch.save(blob, f))
 
     def load(self, state: TrainState, path: str) -> TrainState:
-        blob = torch.load(path, map_location=self.device, weights_only=False)
+        try:
+            blob = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as e:  # torch raises several unrelated types for a foreign file
+            raise ValueError(f"{path} is not a torch onestep checkpoint ({type(e).__name__})") from None
         if not isinstance(blob, dict) or blob.get("backend") != self.name:
             raise ValueError(f"{path} is not a torch onestep checkpoint "
                              f"(backend={blob.get('backend') if isinstance(blob, dict) else '?'})")
