@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--conditional", action="store_true", help="class-conditional (labelled data sets)")
     t.add_argument("--steps", type=positive_int, help="override the preset's number of training steps")
     t.add_argument("--batch-size", type=positive_int, help="override the preset's batch size")
+    t.add_argument("--ema-decay", type=float, help="override the preset's EMA decay (e.g. for short runs)")
     t.add_argument("--device", default="auto")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -105,7 +106,8 @@ def _train(args) -> dict:
     from .train import fit
 
     preset = run_preset(args.method, args.dataset, args.scale, conditional=args.conditional)
-    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v}
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
+                                   ("ema_decay", args.ema_decay)) if v is not None}
     if overrides:
         preset = replace(preset, train=replace(preset.train, **overrides))
     run = RunDir(args.out, overwrite=args.overwrite, resume=args.resume)

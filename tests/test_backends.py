@@ -7,7 +7,7 @@ import torch
 
 from onestep import get_backend
 from onestep.backends.base import MLPConfig
-from onestep.backends.embedding import sinusoidal
+from onestep.backends.embedding import embed_conditions, frequencies
 from onestep.methods import fm
 from onestep.sample import integrate
 
@@ -45,13 +45,16 @@ def both(pair, fn):
 
 
 def test_embedding_parity():
-    t = np.random.default_rng(1).uniform(size=7)
-    a = sinusoidal(torch, torch.as_tensor(t), 16).numpy()
+    t = np.random.default_rng(1).uniform(size=(7, 2))
+    f = frequencies(16)
+    a = embed_conditions(torch, torch.as_tensor(t), torch.as_tensor(f)).numpy()
     jb = get_backend("jax", precision="float64")  # enables float64 in JAX
-    b = np.asarray(sinusoidal(jb.xp, jb.from_numpy(t), 16))
-    assert a.shape == (7, 16)
+    b = np.asarray(embed_conditions(jb.xp, jb.from_numpy(t), jb.from_numpy(f)))
+    assert a.shape == (7, 32)
     assert np.max(np.abs(a - b)) < TOL
-    assert np.allclose(a[:, 0], np.cos(1000 * t))  # first frequency is 1
+    assert np.allclose(a[:, 0], np.cos(1000 * t[:, 0]))  # first frequency is 1
+    assert np.allclose(a[:, 8 + 3], np.sin(1000 * t[:, 0] * f[3]))  # sines follow the cosines
+    assert np.allclose(a[:, 16 + 5], np.cos(1000 * t[:, 1] * f[5]))  # then the second column
 
 
 def test_parameter_names_and_counts(pair):
@@ -162,7 +165,7 @@ def test_train_step_parity(fm_pair):
             return fm.loss_from_draws(bk, model, batch, draws)
 
         for i in range(3):
-            state, loss, _ = bk.train_step(loss_fn, state, batch, bk.key(i))
+            state, loss, _ = bk.train_step(loss_fn, state, batch, np.arange(8), bk.key(i))
         results.append((bk.get_params(state.model), bk.get_params(state.ema), float(loss)))
     (pt, et, lt), (pj, ej, lj) = results
     assert abs(lt - lj) < TOL

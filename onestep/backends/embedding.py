@@ -1,22 +1,27 @@
-"""Sinusoidal embedding of scalar conditions, written once for both backends."""
+"""Sinusoidal embedding of scalar conditions (times), written once for both backends."""
 from __future__ import annotations
 
 import math
 
+import numpy as np
 
-def sinusoidal(xp, t, dim: int, scale: float = 1000.0):
-    """Embed ``t`` of shape ``(n,)`` as ``(n, dim)``: ``[cos(scale·t·f_k), sin(scale·t·f_k)]``.
 
-    Frequencies ``f_k = 10000^(-k/half)`` as in the Transformer/DDPM embedding; the
-    ``scale`` stretches t in [0, 1] over the range the frequencies resolve.
+def frequencies(dim: int) -> np.ndarray:
+    """The ``dim // 2`` frequencies ``10000^(-k/half)`` of the Transformer/DDPM embedding.
+
+    Models keep them as a constant on their own device (a torch buffer, a jax constant),
+    so the embedding never creates arrays on the wrong device.
     """
     half = dim // 2
-    k = xp.arange(half, dtype=t.dtype)
-    freqs = xp.exp(-math.log(10000.0) * k / half)
-    args = scale * t[:, None] * freqs[None, :]
-    return xp.concatenate([xp.cos(args), xp.sin(args)], axis=1)
+    return np.exp(-math.log(10000.0) * np.arange(half) / half)
 
 
-def embed_conditions(xp, cond, dim: int):
-    """Embed each column of ``cond`` (shape ``(n, k)``) and concatenate: ``(n, k·dim)``."""
-    return xp.concatenate([sinusoidal(xp, cond[:, i], dim) for i in range(cond.shape[1])], axis=1)
+def embed_conditions(xp, cond, freqs, scale: float = 1000.0):
+    """Embed each column of ``cond`` ``(n, k)`` as ``[cos(scale·c·f), sin(scale·c·f)]``,
+    concatenated over columns: ``(n, k·2·len(freqs))``.
+
+    The ``scale`` stretches times in [0, 1] over the range the frequencies resolve.
+    """
+    args = scale * cond[:, :, None] * freqs
+    emb = xp.concatenate([xp.cos(args), xp.sin(args)], axis=2)
+    return emb.reshape((cond.shape[0], -1))

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from ..base import MLPConfig
-from ..embedding import embed_conditions
+from ..embedding import embed_conditions, frequencies
 
 
 class MLP(eqx.Module):
@@ -29,7 +29,7 @@ class MLP(eqx.Module):
                           if cfg.n_classes else None)
 
     def __call__(self, x, cond, y=None):
-        h = [x, embed_conditions(jnp, cond, self.cfg.emb_dim)]
+        h = [x, embed_conditions(jnp, cond, jnp.asarray(frequencies(self.cfg.emb_dim), cond.dtype))]
         if self.label_emb is not None:
             if y is None:
                 y = jnp.full((x.shape[0],), self.cfg.n_classes, dtype=jnp.int32)

@@ -9,13 +9,14 @@ import torch
 from torch import nn
 
 from ..base import MLPConfig
-from ..embedding import embed_conditions
+from ..embedding import embed_conditions, frequencies
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: MLPConfig):
         super().__init__()
         self.cfg = cfg
+        self.register_buffer("freqs", torch.as_tensor(frequencies(cfg.emb_dim)), persistent=False)
         in_dim = cfg.data_dim + cfg.n_cond * cfg.emb_dim + (cfg.emb_dim if cfg.n_classes else 0)
         dims = [in_dim] + [cfg.width] * cfg.depth + [cfg.data_dim]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
@@ -23,7 +24,7 @@ class MLP(nn.Module):
             self.label_emb = nn.Embedding(cfg.n_classes + 1, cfg.emb_dim)  # last row: "no label"
 
     def forward(self, x, cond, y=None):
-        h = [x, embed_conditions(torch, cond, self.cfg.emb_dim)]
+        h = [x, embed_conditions(torch, cond, self.freqs)]
         if self.cfg.n_classes:
             if y is None:
                 y = torch.full((x.shape[0],), self.cfg.n_classes, device=x.device, dtype=torch.long)
