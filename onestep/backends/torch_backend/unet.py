@@ -1,7 +1,115 @@
-"""Placeholder until the U-Net lands (see tests/test_unet_parity.py)."""
+"""The small image U-Net, as a torch ``nn.Module``.
+
+Its ``state_dict`` keys and shapes (``down.{i}.block.conv1.weight``, ``emb_in.weight``,
+...) are the exchange format shared with the JAX backend's U-Net.
+"""
+from __future__ import annotations
+
+import torch
 from torch import nn
+from torch.nn import functional as F
+
+from ..base import UNetConfig
+from ..embedding import embed_conditions, frequencies
+
+
+def _groups(ch: int) -> int:
+    """GroupNorm groups: ``min(8, ch)``, lowered until it divides ``ch``."""
+    return max(g for g in range(1, min(8, ch) + 1) if ch % g == 0)
+
+
+def _check_size(cfg: UNetConfig) -> None:
+    factor = 2 ** (len(cfg.mults) - 1)
+    if cfg.size % factor:
+        raise ValueError(f"UNet: image size {cfg.size} is not divisible by 2**(levels-1) = {factor} "
+                         f"(mults={cfg.mults}); use fewer levels or another size")
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, plus a per-channel bias from the embedding, twice; 1×1 skip if needed."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(c_in), c_in, eps=1e-5)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, c_out)
+        self.norm2 = nn.GroupNorm(_groups(c_out), c_out, eps=1e-5)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class Down(nn.Module):
+    """One level of the down path: a residual block, then 2×2 average pooling unless deepest."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, pool: bool):
+        super().__init__()
+        self.block = ResBlock(c_in, c_out, emb_dim)
+        self.pool = pool
+
+    def forward(self, x, emb):
+        """Return ``(skip, h)``: the block's output and its (pooled) continuation."""
+        skip = self.block(x, emb)
+        return skip, (F.avg_pool2d(skip, 2) if self.pool else skip)
+
+
+class Up(nn.Module):
+    """One level of the up path: nearest ×2 upsampling unless deepest, concat skip, residual block."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, upsample: bool):
+        super().__init__()
+        self.block = ResBlock(c_in + c_out, c_out, emb_dim)
+        self.upsample = upsample
+
+    def forward(self, x, skip, emb):
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.block(torch.cat([x, skip], dim=1), emb)
 
 
 class UNet(nn.Module):
-    def __init__(self, cfg):
-        raise NotImplementedError("UNet is being written")
+    """``UNet(cfg)(x, cond, y=None)``: images ``x`` (n, C, H, W) to (n, C, H, W)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        _check_size(cfg)
+        self.cfg = cfg
+        self.register_buffer("freqs", torch.as_tensor(frequencies(cfg.emb_dim)), persistent=False)
+        chs = [cfg.base * m for m in cfg.mults]
+        last = len(chs) - 1
+        self.emb_in = nn.Linear(cfg.n_cond * cfg.emb_dim, cfg.emb_dim)
+        self.emb_out = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        if cfg.n_classes:
+            self.label_emb = nn.Embedding(cfg.n_classes + 1, cfg.emb_dim)  # last row: "no label"
+        self.conv_in = nn.Conv2d(cfg.channels, cfg.base, 3, padding=1)
+        self.down = nn.ModuleList(Down(c_in, c, cfg.emb_dim, pool=i < last)
+                                  for i, (c_in, c) in enumerate(zip([cfg.base] + chs[:-1], chs)))
+        self.mid = ResBlock(chs[-1], chs[-1], cfg.emb_dim)
+        # up[i] mirrors down[i]; it takes the output of up[i + 1] (or of mid when deepest).
+        self.up = nn.ModuleList(Up(c_in, c, cfg.emb_dim, upsample=i < last)
+                                for i, (c_in, c) in enumerate(zip(chs[1:] + chs[-1:], chs)))
+        self.norm_out = nn.GroupNorm(_groups(cfg.base), cfg.base, eps=1e-5)
+        self.conv_out = nn.Conv2d(cfg.base, cfg.channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x, cond, y=None):
+        emb = self.emb_out(F.silu(self.emb_in(embed_conditions(torch, cond, self.freqs))))
+        if self.cfg.n_classes:
+            if y is None:
+                y = torch.full((x.shape[0],), self.cfg.n_classes, device=x.device, dtype=torch.long)
+            emb = emb + self.label_emb(y)
+        h = self.conv_in(x)
+        skips = []
+        for level in self.down:
+            skip, h = level(h, emb)
+            skips.append(skip)
+        h = self.mid(h, emb)
+        for level, skip in zip(reversed(self.up), reversed(skips)):
+            h = level(h, skip, emb)
+        return self.conv_out(F.silu(self.norm_out(h)))
