@@ -126,9 +126,6 @@ def test_jvp_agrees_float64():
     np.testing.assert_allclose(tan_j, tan_t, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["torch", "jax"])
-def test_size_must_divide_by_downsampling(name):
-    backend = get_backend(name, precision="float64")
-    cfg = UNetConfig(channels=1, size=28, mults=(1, 2, 2, 2))  # 28 is not a multiple of 2**3
+def test_size_must_divide_by_downsampling():
     with pytest.raises(ValueError, match="not divisible by 2\\*\\*\\(levels-1\\) = 8"):
-        backend.make_model(cfg, backend.key(0))
+        UNetConfig(channels=1, size=28, mults=(1, 2, 2, 2))  # 28 is not a multiple of 2**3

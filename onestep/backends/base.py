@@ -53,6 +53,17 @@ class UNetConfig:
     emb_dim: int = 128
     n_classes: int = 0
 
+    def __post_init__(self):
+        factor = 2 ** (len(self.mults) - 1)
+        if self.size % factor:
+            raise ValueError(f"UNet: image size {self.size} is not divisible by 2**(levels-1) = {factor} "
+                             f"(mults={self.mults}); use fewer levels or another size")
+
+
+def group_count(channels: int) -> int:
+    """GroupNorm groups of the U-Net: ``min(8, channels)``, lowered until it divides ``channels``."""
+    return max(g for g in range(1, min(8, channels) + 1) if channels % g == 0)
+
 
 ModelConfig = MLPConfig | UNetConfig
 

@@ -19,20 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..base import UNetConfig
+from ..base import UNetConfig, group_count
 from ..embedding import embed_conditions, frequencies
-
-
-def _groups(ch: int) -> int:
-    """GroupNorm groups: ``min(8, ch)``, lowered until it divides ``ch``."""
-    return max(g for g in range(1, min(8, ch) + 1) if ch % g == 0)
-
-
-def _check_size(cfg: UNetConfig) -> None:
-    factor = 2 ** (len(cfg.mults) - 1)
-    if cfg.size % factor:
-        raise ValueError(f"UNet: image size {cfg.size} is not divisible by 2**(levels-1) = {factor} "
-                         f"(mults={cfg.mults}); use fewer levels or another size")
 
 
 def _param(a, dtype) -> jax.Array:
@@ -88,7 +76,7 @@ class GroupNorm(eqx.Module):
     def __init__(self, ch: int, dtype):
         self.weight = _param(np.ones(ch), dtype)
         self.bias = _param(np.zeros(ch), dtype)
-        self.groups = _groups(ch)
+        self.groups = group_count(ch)
 
     def __call__(self, x):
         g = x.reshape(x.shape[0], -1, self.groups, x.shape[-1] // self.groups)
@@ -171,7 +159,6 @@ class UNet(eqx.Module):
     cfg: UNetConfig = eqx.field(static=True)
 
     def __init__(self, cfg: UNetConfig, key, dtype=jnp.float32):
-        _check_size(cfg)
         self.cfg = cfg
         rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
         chs = [cfg.base * m for m in cfg.mults]

@@ -9,20 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..base import UNetConfig
+from ..base import UNetConfig, group_count
 from ..embedding import embed_conditions, frequencies
-
-
-def _groups(ch: int) -> int:
-    """GroupNorm groups: ``min(8, ch)``, lowered until it divides ``ch``."""
-    return max(g for g in range(1, min(8, ch) + 1) if ch % g == 0)
-
-
-def _check_size(cfg: UNetConfig) -> None:
-    factor = 2 ** (len(cfg.mults) - 1)
-    if cfg.size % factor:
-        raise ValueError(f"UNet: image size {cfg.size} is not divisible by 2**(levels-1) = {factor} "
-                         f"(mults={cfg.mults}); use fewer levels or another size")
 
 
 class ResBlock(nn.Module):
@@ -30,10 +18,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(_groups(c_in), c_in, eps=1e-5)
+        self.norm1 = nn.GroupNorm(group_count(c_in), c_in, eps=1e-5)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, c_out)
-        self.norm2 = nn.GroupNorm(_groups(c_out), c_out, eps=1e-5)
+        self.norm2 = nn.GroupNorm(group_count(c_out), c_out, eps=1e-5)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -77,7 +65,6 @@ class UNet(nn.Module):
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
-        _check_size(cfg)
         self.cfg = cfg
         self.register_buffer("freqs", torch.as_tensor(frequencies(cfg.emb_dim)), persistent=False)
         chs = [cfg.base * m for m in cfg.mults]
@@ -93,7 +80,7 @@ class UNet(nn.Module):
         # up[i] mirrors down[i]; it takes the output of up[i + 1] (or of mid when deepest).
         self.up = nn.ModuleList(Up(c_in, c, cfg.emb_dim, upsample=i < last)
                                 for i, (c_in, c) in enumerate(zip(chs[1:] + chs[-1:], chs)))
-        self.norm_out = nn.GroupNorm(_groups(cfg.base), cfg.base, eps=1e-5)
+        self.norm_out = nn.GroupNorm(group_count(cfg.base), cfg.base, eps=1e-5)
         self.conv_out = nn.Conv2d(cfg.base, cfg.channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
