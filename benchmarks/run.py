@@ -24,11 +24,11 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from onestep import get_backend  # noqa: E402
-from onestep.backends.base import MLPConfig, UNetConfig  # noqa: E402
-from onestep.paths import interpolate  # noqa: E402
+from onestep import get_backend
+from onestep.backends.base import MLPConfig, UNetConfig
+from onestep.paths import interpolate
 
 
 def fm_probe(bk):

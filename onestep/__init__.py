@@ -2,4 +2,4 @@
 from .backends import BACKENDS, get_backend
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "get_backend", "__version__"]
+__all__ = ["BACKENDS", "__version__", "get_backend"]

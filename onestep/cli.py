@@ -187,7 +187,7 @@ def _generate(bk, model, preset, n: int, seed: int, steps: int, solver: str, noi
 
 
 def _sample(args) -> None:
-    bk, model, preset, info = load_run(args.run, args.device)
+    bk, model, preset, _ = load_run(args.run, args.device)
     noise = None
     if args.noise:
         if not os.path.isfile(args.noise):
@@ -203,7 +203,7 @@ def _sample(args) -> None:
 def _evaluate(args) -> None:
     from .evaluation import evaluate
 
-    bk, model, preset, info = load_run(args.run, args.device)
+    bk, model, preset, _ = load_run(args.run, args.device)
     x, labels = _generate(bk, model, preset, n=args.n, seed=args.seed, steps=args.steps, solver=args.solver)
     print(json.dumps({"run": args.run, "sampler": args.solver, "steps": args.steps,
                       **evaluate(preset.dataset, x, labels)}, indent=2))

@@ -7,7 +7,8 @@ any ``velocity(bk, model, z, t, y, **kw)``; each step is compiled once per
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
+from itertools import pairwise
 
 import numpy as np
 
@@ -46,7 +47,7 @@ def check_solver(solver: str) -> str:
     return solver
 
 
-@lru_cache(maxsize=None)
+@cache
 def _stepper(bk, velocity, solver: str, kw: tuple):
     kwargs = dict(kw)
 
@@ -70,7 +71,7 @@ def integrate(bk, model, velocity, z, steps: int, solver: str = "euler", y=None,
     step = _stepper(bk, velocity, check_solver(solver), tuple(sorted(kw.items())))
     grid = uniform_grid(steps, t_start, t_end)
     path = [bk.to_numpy(z)] if trajectory else None
-    for t, s in zip(grid[:-1], grid[1:]):
+    for t, s in pairwise(grid):
         z = step(model, z, bk.from_numpy(np.asarray(t)), bk.from_numpy(np.asarray(s)), y)
         if trajectory:
             path.append(bk.to_numpy(z))

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def cli(*args, env=None):
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "onestep", *args], cwd=ROOT, capture_output=True,
-                          text=True, env=full_env, timeout=600)
+                          text=True, env=full_env, timeout=600, check=False)
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -6,22 +6,22 @@ default) explicitly, never by JAX's default dtype.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 
 jax.config.update("jax_enable_x64", True)
 
-import equinox as eqx  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-from ..base import MLPConfig, TrainState, UNetConfig  # noqa: E402
-from ..checkpoint import atomic_write  # noqa: E402
-from .mlp import MLP  # noqa: E402
-from .params import from_flat, to_flat  # noqa: E402
-from .unet import UNet  # noqa: E402
+from ..base import MLPConfig, TrainState, UNetConfig
+from ..checkpoint import atomic_write
+from .mlp import MLP
+from .params import from_flat, to_flat
+from .unet import UNet
 
 _DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
 _MAGIC = b"onestep-jax-checkpoint\n"

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -138,7 +138,7 @@ class TorchBackend:
     def load(self, state: TrainState, path: str) -> TrainState:
         try:
             blob = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as e:  # torch raises several unrelated types for a foreign file
+        except Exception as e:  # noqa: BLE001 -- torch raises several unrelated types for a foreign file
             raise ValueError(f"{path} is not a torch onestep checkpoint ({type(e).__name__})") from None
         if not isinstance(blob, dict) or blob.get("backend") != self.name:
             raise ValueError(f"{path} is not a torch onestep checkpoint "

@@ -5,6 +5,8 @@ are the exchange format shared with the JAX backend's MLP.
 """
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 from torch import nn
 
@@ -19,7 +21,7 @@ class MLP(nn.Module):
         self.register_buffer("freqs", torch.as_tensor(frequencies(cfg.emb_dim)), persistent=False)
         in_dim = cfg.data_dim + cfg.n_cond * cfg.emb_dim + (cfg.emb_dim if cfg.n_classes else 0)
         dims = [in_dim] + [cfg.width] * cfg.depth + [cfg.data_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(dims))
         if cfg.n_classes:
             self.label_emb = nn.Embedding(cfg.n_classes + 1, cfg.emb_dim)  # last row: "no label"
 
