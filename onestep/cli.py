@@ -222,7 +222,7 @@ def _batch(args) -> None:
         if os.path.exists(out) and not args.overwrite:
             raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     for name in names:
-        out = os.path.join(args.out, f"{name}-{args.backend}-{args.scale}")
+        out = os.path.abspath(os.path.join(args.out, f"{name}-{args.backend}-{args.scale}"))
         params = {"backend": args.backend, "scale": args.scale, "seed": args.seed,
                   "out_dir": out, "device": args.device}
         start = time.perf_counter()

@@ -2,9 +2,15 @@
 velocity-field animation (matplotlib → jshtml, so it works in the static book)."""
 from __future__ import annotations
 
+import re
+
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import animation
+
+# to_jshtml() links Font Awesome from a CDN for its buttons; the book must load offline
+# (its theme already ships Font Awesome), so the link is dropped.
+_REMOTE_ICONS = re.compile(r'<link rel="stylesheet"\s+href="https://[^"]*font-awesome[^"]*">')
 
 LIMITS = (-5.5, 5.5)
 
@@ -32,6 +38,11 @@ def image_grid(images, nrow: int):
         r, c = divmod(i, ncol)
         grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = (img + 1) / 2
     return np.clip(grid, 0, 1)
+
+
+def animation_html(anim) -> str:
+    """An animation as self-contained HTML with a scrubbing slider (no remote assets)."""
+    return _REMOTE_ICONS.sub("", anim.to_jshtml())
 
 
 def field_animation(mixtures, labels, times, n_particles: int = 200, seed: int = 0, grid: int = 15,

@@ -45,7 +45,7 @@ def _model(dataset: str, scale: str, n_cond: int, conditional: bool):
     n_classes = info.n_classes if conditional else 0
     if len(info.shape) == 1:
         width, depth = {"smoke": (64, 2), "book": (128, 3), "full": (512, 4)}[scale]
-        return MLPConfig(data_dim=info.shape[0], n_cond=n_cond, width=width, depth=depth,
+        return MLPConfig(data_dim=info.shape[0], n_cond=n_cond, width=width, depth=depth, emb_dim=32,
                          n_classes=n_classes)
     channels, size, _ = info.shape
     if dataset == "digits" and scale != "full":
@@ -63,10 +63,10 @@ def _model(dataset: str, scale: str, n_cond: int, conditional: bool):
 def _train(dataset: str, scale: str) -> TrainConfig:
     synthetic = len(dataset_info(dataset).shape) == 1
     if scale == "smoke":
-        return TrainConfig(steps=300, batch_size=256, lr=2e-3, ema_decay=0.99, log_every=50)
+        return TrainConfig(steps=400, batch_size=256, lr=3e-3, ema_decay=0.99, log_every=50)
     if scale == "book":
         if synthetic:
-            return TrainConfig(steps=3000, batch_size=512, lr=1e-3, ema_decay=0.999, log_every=250)
+            return TrainConfig(steps=3000, batch_size=512, lr=2e-3, ema_decay=0.999, log_every=250)
         return TrainConfig(steps=2000, batch_size=256, lr=1e-3, ema_decay=0.999, log_every=250)
     if synthetic:
         return TrainConfig(steps=20000, batch_size=4096, lr=1e-3, ema_decay=0.9995, log_every=500,

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, replace
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .backends.base import model_shape
 from .data import batch_indices

@@ -94,12 +94,12 @@ def test_fm_converges_at_smoke_scale(name):
     """Smoke-scale FM on 8gaussians beats an untrained network and "no transport" (the
     noise itself) by a wide margin in W2 to fresh data (n = 1000, fixed seeds).
 
-    Measured W2 (both backends): trained ≈ 0.9–1.1, untrained ≈ 2.6, noise ≈ 2.5;
-    the data-vs-data floor at n = 1000 is ≈ 0.3.
+    Measured W2 (torch / jax): trained 0.82 / 0.79, untrained 1.65 / 1.66, noise 1.65; the
+    data-vs-data floor at n = 1000 is about 0.3.  A sign error or no learning scores ≥ 1.6.
     """
     bk = get_backend(name)
     preset = run_preset("fm", "8gaussians", "smoke")
-    state, history, _ = fit(bk, preset, seed=0)
+    state, _, _ = fit(bk, preset, seed=0)
     noise = np.random.default_rng(1).normal(size=(1000, 2))
     ref = reference("8gaussians", 1000)
 
@@ -108,6 +108,6 @@ def test_fm_converges_at_smoke_scale(name):
 
     untrained = bk.make_model(preset.model, run_keys(bk, 0)[0])
     trained_w2, untrained_w2, noise_w2 = w2_of(state.ema), w2_of(untrained), metrics.w2(noise, ref)
-    assert history[-1][1] < history[0][1]
+    print(f"{name}: W2 trained {trained_w2:.3f}, untrained {untrained_w2:.3f}, noise {noise_w2:.3f}")
     assert trained_w2 < 0.6 * untrained_w2, (trained_w2, untrained_w2)
     assert trained_w2 < 0.6 * noise_w2, (trained_w2, noise_w2)
