@@ -313,7 +313,8 @@ def _inception(device: str):
 
 
 def inception_features(x, device: str = "cpu", batch_size: int = 50) -> np.ndarray:
-    """Pool features ``(n, 2048)`` of images ``x`` ``(n, 1 or 3, H, W)`` in [-1, 1].
+    """Pool features ``(n, 2048)`` of images ``x`` ``(n, 1 or 3, H, W)`` in [-1, 1]
+    (``device="auto"``: CUDA when torch sees a GPU).
 
     The network takes 3 x 299 x 299 inputs in [-1, 0.9921875], the TensorFlow
     convention ``uint8 / 128 - 1``.  So, like saved 8-bit images, the images are
@@ -328,6 +329,8 @@ def inception_features(x, device: str = "cpu", batch_size: int = 50) -> np.ndarr
         raise ValueError(f"images must have shape (n, 1 or 3, H, W), got {x.shape}")
     if int(batch_size) != batch_size or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     net = _inception(str(torch.device(device)))
     out = []
     with torch.inference_mode():

@@ -107,6 +107,7 @@ class FlowMatchingChapter:
     n_eval: int = 2000  # samples for W2 / MMD / likelihood
     n_map: int = 2000  # noise points for the flow-map error against the exact map
     step_counts: tuple = (1, 2, 4, 8, 16, 32, 64, 128)
+    image_sets: tuple = ("digits",)  # class-conditional image runs
     image_step_counts: tuple = (1, 2, 4, 16, 64)
     n_images: int = 1000  # generated images for the classifier-feature Fréchet distance
     anim_frames: int = 25
@@ -124,7 +125,8 @@ def flow_matching_chapter(scale: str) -> FlowMatchingChapter:
         return FlowMatchingChapter(runs=runs)
     runs["mnist"] = run_preset("fm", "mnist", scale, conditional=True)
     runs["digits"] = replace(runs["digits"], train=replace(runs["digits"].train, steps=20_000))
-    return FlowMatchingChapter(runs=runs, n_eval=10_000, n_map=10_000, n_images=10_000)
+    return FlowMatchingChapter(runs=runs, n_eval=10_000, n_map=10_000, n_images=10_000,
+                               image_sets=("digits", "mnist"))
 
 
 CHAPTERS = {"flow_matching": flow_matching_chapter}
