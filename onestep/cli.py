@@ -119,7 +119,7 @@ def _train(args) -> dict:
     start = time.perf_counter()
     state, history, _ = fit(bk, preset, seed=args.seed, ckpt_path=run.file(CKPT), resume=args.resume)
     seconds = time.perf_counter() - start
-    samples, labels = _generate(bk, state.ema, preset, n=2000 if preset.n_train else 1000,
+    samples, labels = generate_samples(bk, state.ema, preset, n=2000 if preset.n_train else 1000,
                                 seed=args.seed, steps=32, solver="heun")
     metrics = {"train_seconds": seconds, "steps": state.step, "final_loss": history[-1][1],
                "loss_history": history, "eval": {"sampler": "heun", "steps": 32,
@@ -159,7 +159,7 @@ def _jsonable_fields(cfg) -> dict:
     return {k: v for k, v in to_jsonable(cfg).items() if k != "type"}
 
 
-def _generate(bk, model, preset, n: int, seed: int, steps: int, solver: str, noise=None, label=None):
+def generate_samples(bk, model, preset, n: int, seed: int, steps: int, solver: str, noise=None, label=None):
     """Samples of a run's model from given or seeded noise; labels cycle 0..K-1 if conditional."""
     from .backends.base import model_shape
     from .data import dataset_info
@@ -193,7 +193,7 @@ def _sample(args) -> None:
         if not os.path.isfile(args.noise):
             raise FileNotFoundError(f"noise file {args.noise} does not exist")
         noise = np.load(args.noise)
-    x, _ = _generate(bk, model, preset, n=args.n or 1000, seed=args.seed, steps=args.steps,
+    x, _ = generate_samples(bk, model, preset, n=args.n or 1000, seed=args.seed, steps=args.steps,
                      solver=args.solver, noise=noise, label=args.label)
     from .backends.checkpoint import atomic_write
     atomic_write(args.out, lambda f: np.save(f, x))
@@ -204,7 +204,7 @@ def _evaluate(args) -> None:
     from .evaluation import evaluate
 
     bk, model, preset, _ = load_run(args.run, args.device)
-    x, labels = _generate(bk, model, preset, n=args.n, seed=args.seed, steps=args.steps, solver=args.solver)
+    x, labels = generate_samples(bk, model, preset, n=args.n, seed=args.seed, steps=args.steps, solver=args.solver)
     print(json.dumps({"run": args.run, "sampler": args.solver, "steps": args.steps,
                       **evaluate(preset.dataset, x, labels)}, indent=2))
 

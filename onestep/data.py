@@ -31,7 +31,7 @@ import numpy as np
 from . import analytic
 
 __all__ = ["DATASETS", "Data", "DatasetInfo", "batch_indices", "dataset_info", "in_checkerboard", "load",
-           "package_dir"]
+           "oracle", "package_dir"]
 
 SPLITS = ("train", "test")
 CIFAR10_ENV = "ONESTEP_CIFAR10"
@@ -100,8 +100,8 @@ _GAUSSIAN_COV = ((1.0, 0.8), (0.8, 1.0))
 _BOARD_HALF_WIDTH = 4.0  # the board is [-4, 4]^2 in 4 x 4 cells of side 2
 
 
-def _oracle(name: str):
-    """The exact distribution of a 2-D set, or None where only a sampler exists."""
+def oracle(name: str):
+    """The exact distribution (``onestep.analytic``) of a 2-D set, or None where only a sampler exists."""
     if name == "8gaussians":
         return analytic.eight_gaussians()
     if name == "gaussian":
@@ -153,12 +153,12 @@ def _sample_2d(name: str, n: int, seed: int, split: str) -> Data:
     if n is None or int(n) != n or n < 1:
         raise ValueError(f"2-D set {name!r} is sampled: pass a positive sample count n, got {n!r}")
     entropy = seed if split == "train" else [seed, 1]  # test: a stream independent of train
-    oracle = _oracle(name)
-    if oracle is not None:
-        x = oracle.sample(int(n), entropy)
+    exact = oracle(name)
+    if exact is not None:
+        x = exact.sample(int(n), entropy)
     else:
         x = _SAMPLERS[name](int(n), np.random.default_rng(entropy))
-    return Data(name, x.astype(np.float32), None, (2,), 0, oracle)
+    return Data(name, x.astype(np.float32), None, (2,), 0, exact)
 
 
 # -- image sets --------------------------------------------------------------------------

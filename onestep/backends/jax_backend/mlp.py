@@ -29,7 +29,8 @@ class MLP(eqx.Module):
                           if cfg.n_classes else None)
 
     def __call__(self, x, cond, y=None):
-        h = [x, embed_conditions(jnp, cond, jnp.asarray(frequencies(self.cfg.emb_dim), cond.dtype))]
+        freqs = jnp.asarray(frequencies(self.cfg.emb_dim), cond.dtype)  # a constant under jit
+        h = [x, embed_conditions(jnp, cond, freqs)]
         if self.label_emb is not None:
             if y is None:
                 y = jnp.full((x.shape[0],), self.cfg.n_classes, dtype=jnp.int32)

@@ -178,7 +178,8 @@ class UNet(eqx.Module):
         self.conv_out = Conv(cfg.base, cfg.channels, 3, rng, dtype, zero=True)
 
     def __call__(self, x, cond, y=None):
-        emb = self.emb_out(jax.nn.silu(self.emb_in(embed_conditions(jnp, cond, jnp.asarray(frequencies(self.cfg.emb_dim), cond.dtype)))))
+        freqs = jnp.asarray(frequencies(self.cfg.emb_dim), cond.dtype)  # a constant under jit
+        emb = self.emb_out(jax.nn.silu(self.emb_in(embed_conditions(jnp, cond, freqs))))
         if self.label_emb is not None:
             if y is None:
                 y = jnp.full((x.shape[0],), self.cfg.n_classes, dtype=jnp.int32)
