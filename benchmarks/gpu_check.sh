@@ -18,11 +18,12 @@ for b in torch jax; do
   echo "$b train+eval wall: $((SECONDS - start)) s"
   python3 - "$b" <<'PY'
 import json, os, sys, time
-from onestep.cli import generate_samples, load_run
+from onestep.cli import load_run
+from onestep.sample import sample_run
 bk, model, preset, _ = load_run(os.path.join(os.environ["OUT"], f"fm-mnist-{sys.argv[1]}"))
 for n, steps in ((1000, 16), (4000, 16)):
-    generate_samples(bk, model, preset, n=n, seed=0, steps=1, solver="heun")  # warm-up: compiles for this n
-    t = time.perf_counter(); x, _ = generate_samples(bk, model, preset, n=n, seed=1, steps=steps, solver="heun")
+    sample_run(bk, model, preset, n=n, seed=0, steps=1, solver="heun")  # warm-up: compiles for this n
+    t = time.perf_counter(); x, _ = sample_run(bk, model, preset, n=n, seed=1, steps=steps, solver="heun")
     dt = time.perf_counter() - t
     print(f"{sys.argv[1]} sampling: {n} images, Heun {steps} steps (NFE {2 * steps}) in {dt:.2f} s = {n / dt:.0f} samples/s")
 m = json.load(open(os.path.join(os.environ["OUT"], f"fm-mnist-{sys.argv[1]}", "metrics.json")))

@@ -16,6 +16,7 @@ import numpy as np
 
 from .backends import BACKENDS
 from .presets import SCALES
+from .sample import SOLVERS, sample_run
 
 CKPT = "checkpoint"
 
@@ -43,7 +44,6 @@ def non_negative_int(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     from .data import DATASETS
     from .methods import METHODS
-    from .sample import SOLVERS
 
     p = argparse.ArgumentParser(prog="python -m onestep", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -119,7 +119,7 @@ def _train(args) -> dict:
     start = time.perf_counter()
     state, history, _ = fit(bk, preset, seed=args.seed, ckpt_path=run.file(CKPT), resume=args.resume)
     seconds = time.perf_counter() - start
-    samples, labels = generate_samples(bk, state.ema, preset, n=2000 if preset.n_train else 1000,
+    samples, labels = sample_run(bk, state.ema, preset, n=2000 if preset.n_train else 1000,
                                 seed=args.seed, steps=32, solver="heun")
     metrics = {"train_seconds": seconds, "steps": state.step, "final_loss": history[-1][1],
                "loss_history": history, "eval": {"sampler": "heun", "steps": 32,
@@ -159,33 +159,6 @@ def _jsonable_fields(cfg) -> dict:
     return {k: v for k, v in to_jsonable(cfg).items() if k != "type"}
 
 
-def generate_samples(bk, model, preset, n: int, seed: int, steps: int, solver: str, noise=None, label=None):
-    """Samples of a run's model from given or seeded noise; labels cycle 0..K-1 if conditional."""
-    from .backends.base import model_shape
-    from .data import dataset_info
-    from .methods import get_method
-
-    shape = dataset_info(preset.dataset).shape
-    in_shape = model_shape(preset.model)
-    if noise is None:
-        noise = np.random.default_rng(seed).standard_normal((n, *in_shape))
-    else:
-        noise = np.asarray(noise)
-        if noise.ndim != 1 + len(in_shape) or noise.shape[1:] != in_shape:
-            raise ValueError(f"noise has shape {noise.shape}; this run needs (n, {', '.join(map(str, in_shape))})")
-    labels = None
-    n_classes = preset.model.n_classes
-    if n_classes:
-        labels = (np.full(len(noise), label) if label is not None else np.arange(len(noise)) % n_classes)
-        if labels.max() >= n_classes:
-            raise ValueError(f"label {int(labels.max())} out of range; accepted: 0..{n_classes - 1}")
-    elif label is not None:
-        raise ValueError("--label given but the run is not class-conditional")
-    y = None if labels is None else bk.from_numpy(labels)
-    out = get_method(preset.method).generate(bk, model, bk.from_numpy(noise), steps, solver, y=y)
-    return bk.to_numpy(out).reshape((len(noise), *shape)), labels
-
-
 def _sample(args) -> None:
     bk, model, preset, _ = load_run(args.run, args.device)
     noise = None
@@ -193,7 +166,7 @@ def _sample(args) -> None:
         if not os.path.isfile(args.noise):
             raise FileNotFoundError(f"noise file {args.noise} does not exist")
         noise = np.load(args.noise)
-    x, _ = generate_samples(bk, model, preset, n=args.n or 1000, seed=args.seed, steps=args.steps,
+    x, _ = sample_run(bk, model, preset, n=args.n or 1000, seed=args.seed, steps=args.steps,
                      solver=args.solver, noise=noise, label=args.label)
     from .backends.checkpoint import atomic_write
     atomic_write(args.out, lambda f: np.save(f, x))
@@ -204,7 +177,7 @@ def _evaluate(args) -> None:
     from .evaluation import evaluate
 
     bk, model, preset, _ = load_run(args.run, args.device)
-    x, labels = generate_samples(bk, model, preset, n=args.n, seed=args.seed, steps=args.steps, solver=args.solver)
+    x, labels = sample_run(bk, model, preset, n=args.n, seed=args.seed, steps=args.steps, solver=args.solver)
     print(json.dumps({"run": args.run, "sampler": args.solver, "steps": args.steps,
                       **evaluate(preset.dataset, x, labels)}, indent=2))
 

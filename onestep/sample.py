@@ -76,3 +76,34 @@ def integrate(bk, model, velocity, z, steps: int, solver: str = "euler", y=None,
         if trajectory:
             path.append(bk.to_numpy(z))
     return np.stack(path) if trajectory else z
+
+
+def sample_run(bk, model, preset, n: int, seed: int, steps: int, solver: str = "heun", noise=None, label=None):
+    """``(samples, labels)`` of the model of a ``RunPreset``, shaped like its data set.
+
+    The noise is given (shape ``(n, *model input)``) or drawn from ``seed``; a class-conditional
+    model is asked for ``label``, or for labels cycling 0..K-1 (sample i gets i mod K).
+    """
+    from .backends.base import model_shape
+    from .data import dataset_info
+    from .methods import get_method
+
+    shape = dataset_info(preset.dataset).shape
+    in_shape = model_shape(preset.model)
+    if noise is None:
+        noise = np.random.default_rng(seed).standard_normal((n, *in_shape))
+    else:
+        noise = np.asarray(noise)
+        if noise.ndim != 1 + len(in_shape) or noise.shape[1:] != in_shape:
+            raise ValueError(f"noise has shape {noise.shape}; this run needs (n, {', '.join(map(str, in_shape))})")
+    labels = None
+    n_classes = preset.model.n_classes
+    if n_classes:
+        labels = (np.full(len(noise), label) if label is not None else np.arange(len(noise)) % n_classes)
+        if labels.max() >= n_classes:
+            raise ValueError(f"label {int(labels.max())} out of range; accepted: 0..{n_classes - 1}")
+    elif label is not None:
+        raise ValueError("a label was given but the model is not class-conditional")
+    y = None if labels is None else bk.from_numpy(labels)
+    out = get_method(preset.method).generate(bk, model, bk.from_numpy(noise), steps, solver, y=y)
+    return bk.to_numpy(out).reshape((len(noise), *shape)), labels

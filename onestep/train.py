@@ -56,7 +56,7 @@ def train(bk, loss_fn, state, data, cfg: TrainConfig, seed: int, ckpt_path: str 
           resume: bool = False, progress: bool | None = None):
     """Run ``cfg.steps`` optimisation steps; returns ``(state, history)``.
 
-    ``data`` has ``x`` (numpy, float) and optionally ``y`` (int labels).  The data set is
+    ``data`` is a ``data.Data``: ``x`` (numpy, float) and ``y`` (int labels or None).  The data set is
     moved to the device once; minibatches are gathered there.  ``history`` holds
     ``(step, loss)`` at every ``log_every`` steps.  With ``resume`` and an existing
     checkpoint at ``ckpt_path`` the run continues from it.
@@ -64,7 +64,7 @@ def train(bk, loss_fn, state, data, cfg: TrainConfig, seed: int, ckpt_path: str 
     if resume and ckpt_path and os.path.exists(ckpt_path):
         state = bk.load(state, ckpt_path)
     on_device = {"x": bk.from_numpy(data.x),
-                 "y": bk.from_numpy(data.y) if getattr(data, "y", None) is not None else None}
+                 "y": None if data.y is None else bk.from_numpy(data.y)}
     _, base_key = run_keys(bk, seed)
     history: list[tuple[int, float]] = []
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not _show_progress(progress),

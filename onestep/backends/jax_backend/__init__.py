@@ -111,7 +111,7 @@ class JaxBackend:
                           extra={"ema_decay": ema_decay, "optimizer": opt})
 
     def _compiled_step(self, loss_fn, opt, decay):
-        cache_key = (loss_fn, id(opt), decay)
+        cache_key = (loss_fn, opt, decay)  # an optax transformation is a hashable tuple
         if cache_key not in self._compiled:
             @eqx.filter_jit
             def step(model, ema, opt_state, data, idx, key, step_no):

@@ -76,13 +76,13 @@ class TorchBackend:
 
     # -- models ---------------------------------------------------------------
     def make_model(self, cfg, key):
-        torch.manual_seed(int(key))  # module initialisers draw from the global generator
-        if isinstance(cfg, MLPConfig):
-            model = MLP(cfg)
-        elif isinstance(cfg, UNetConfig):
-            model = UNet(cfg)
-        else:
+        if not isinstance(cfg, (MLPConfig, UNetConfig)):
             raise TypeError(f"unknown model config {type(cfg).__name__}; expected MLPConfig or UNetConfig")
+        # Module initialisers draw from the global generator: seed it from the key inside a
+        # forked RNG state, so building a model leaves the caller's random stream untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(key))
+            model = MLP(cfg) if isinstance(cfg, MLPConfig) else UNet(cfg)
         return model.to(device=self.device, dtype=self.dtype)
 
     def get_params(self, model) -> dict[str, np.ndarray]:
