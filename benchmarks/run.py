@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
@@ -82,6 +83,15 @@ def step_time(bk, cfg, loss_fn, batch: int, steps: int, repeats: int = 5) -> flo
     return statistics.median(window(steps) for _ in range(repeats))
 
 
+def method_losses(bk) -> dict:
+    """The methods' own training losses (one-time network): FM, iCT (two forward passes) and sCT (a JVP)."""
+    from onestep.methods import cm, fm
+    steps = 10**6  # curriculum length: the timed steps sit at its start
+    return {"fm": fm.make_loss(bk, fm.FMConfig()),
+            "ict": cm.make_loss(bk, cm.CMConfig(variant="ict", total_steps=steps)),
+            "sct": cm.make_loss(bk, cm.CMConfig(variant="sct", total_steps=steps, warmup_fraction=0.1))}
+
+
 NETS = {
     "mlp-2d": (MLPConfig(data_dim=2, n_cond=2, width=128, depth=3), 512),
     "mlp-digits": (MLPConfig(data_dim=64, n_cond=2, width=256, depth=3), 256),
@@ -102,11 +112,16 @@ def bench_steps(backends, nets, device, steps, batch_override=None) -> list[dict
             batch = batch_override or batch
             fm_s = step_time(bk, cfg, fm_probe(bk), batch, steps)
             jvp_s = step_time(bk, cfg, jvp_probe(bk), batch, steps)
+            one_time = replace(cfg, n_cond=1)  # FM and CM networks see one time
+            method_s = {m: step_time(bk, one_time, loss, batch, steps) for m, loss in method_losses(bk).items()}
             rows.append({"backend": name, "device": str(bk.device), "net": net, "batch": batch,
                          "fm_ms": 1e3 * fm_s, "jvp_ms": 1e3 * jvp_s, "jvp_over_fm": jvp_s / fm_s,
-                         "steps_per_s": 1 / fm_s})
+                         "steps_per_s": 1 / fm_s, **{f"{m}_loss_ms": 1e3 * v for m, v in method_s.items()},
+                         "sct_over_fm": method_s["sct"] / method_s["fm"]})
             print(f"  {name:5s} {net:12s} FM {1e3 * fm_s:8.2f} ms  JVP {1e3 * jvp_s:8.2f} ms  "
-                  f"ratio {jvp_s / fm_s:5.2f}", flush=True)
+                  f"ratio {jvp_s / fm_s:5.2f} | methods: "
+                  + "  ".join(f"{m} {1e3 * v:.2f} ms" for m, v in method_s.items())
+                  + f"  sCT/FM {method_s['sct'] / method_s['fm']:5.2f}", flush=True)
     return rows
 
 
@@ -153,10 +168,10 @@ def main(argv=None) -> int:
         p.error(f"unknown net(s) {', '.join(unknown)}; accepted: {', '.join(NETS)}")
     report = {"host": platform.node(), "threads": os.environ["OMP_NUM_THREADS"], "python": sys.version.split()[0]}
     if args.only != "chapters":
-        print("train step time (median), FM vs the JVP probe on the same network:")
+        print("train step time (median): FM vs the JVP probe (two-time net), and FM, iCT, sCT (one-time net):")
         report["steps"] = bench_steps(backends, args.nets.split(","), args.device, args.steps, args.batch)
         print(table(report["steps"], ["backend", "device", "net", "batch", "fm_ms", "jvp_ms", "jvp_over_fm",
-                                      "steps_per_s"]))
+                                      "fm_loss_ms", "ict_loss_ms", "sct_loss_ms", "sct_over_fm"]))
     if args.only != "steps" and args.chapters != "none":
         print("chapter wall time (papermill, kernel start included):")
         report["chapters"] = bench_chapters(backends, args.chapters.split(","))

@@ -21,6 +21,8 @@ __all__ = [
     "GaussianMixture",
     "clusters",
     "eight_gaussians",
+    "exact_teacher",
+    "mixture_velocity",
     "w2_gaussians",
 ]
 
@@ -192,9 +194,7 @@ class GaussianMixture(_Flow):
     def velocity(self, z, t) -> np.ndarray:
         """``v(z, t) = sum_k P(k | z_t = z) v_k(z, t)`` (one pass, for the ODE solver's sake)."""
         z = self._points(z)
-        diff, s, gain = self._components(z, _times(t, len(z)))
-        resp = softmax(self._joint_log_probs(diff, s), axis=1)
-        return -resp @ self.means + np.einsum("nk,nkd->nd", resp * gain, diff)
+        return mixture_velocity(np, z, _times(t, len(z)), self.means, self.stds**2, np.log(self.weights))
 
     def flow_map(self, z, t, r) -> np.ndarray:
         """``Phi_{t->r}(z)`` by one stacked DOP853 solve (``z`` itself where r == t).
@@ -238,6 +238,41 @@ class GaussianMixture(_Flow):
         if not sol.success:
             raise RuntimeError(f"trajectory ODE solve failed: {sol.message}")
         return sol.y.T.reshape(len(times), *z.shape)
+
+
+def mixture_velocity(xp, z, t, means, variances, log_weights):
+    """The exact mixture velocity against an array namespace (numpy, torch or jax.numpy).
+
+    ``z`` ``(n, d)``, ``t`` ``(n,)``; ``means`` ``(k, d)``, ``variances`` and ``log_weights`` ``(k,)``.
+    Written once so that the oracle and a backend's compiled training step (an exact teacher
+    for distillation) compute the same field.
+    """
+    d = z.shape[1]
+    tt = t[:, None]
+    diff = z[:, None, :] - (1 - tt)[:, :, None] * means  # (n, k, d)
+    s = (1 - tt) ** 2 * variances + tt**2  # (n, k)
+    gain = (tt - (1 - tt) * variances) / s
+    logits = log_weights - 0.5 * (d * xp.log(s) + xp.sum(diff**2, axis=2) / s)
+    resp = xp.exp(logits - xp.amax(logits, axis=1, keepdims=True))
+    resp = resp / xp.sum(resp, axis=1, keepdims=True)
+    return -resp @ means + xp.sum((resp * gain)[:, :, None] * diff, axis=1)
+
+
+def exact_teacher(bk, oracle: GaussianMixture):
+    """The oracle's velocity as a teacher field ``(z, t, y) -> v`` on backend arrays.
+
+    ``t`` is a scalar or one time per row; the field ignores labels (the oracle is unconditional).
+    """
+    if not isinstance(oracle, GaussianMixture):
+        raise TypeError(f"an exact teacher needs a Gaussian-mixture oracle, got {type(oracle).__name__}")
+    means, variances = bk.from_numpy(oracle.means), bk.from_numpy(oracle.stds**2)
+    log_weights = bk.from_numpy(np.log(oracle.weights))
+
+    def field(z, t, y=None):
+        t = bk.xp.broadcast_to(bk.xp.asarray(t, dtype=z.dtype), (z.shape[0],))
+        return mixture_velocity(bk.xp, z, t, means, variances, log_weights)
+
+    return field
 
 
 def eight_gaussians() -> GaussianMixture:

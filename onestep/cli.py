@@ -16,9 +16,8 @@ import numpy as np
 
 from .backends import BACKENDS
 from .presets import SCALES
+from .runs import CKPT, load_run
 from .sample import SOLVERS, sample_run
-
-CKPT = "checkpoint"
 
 
 def positive_int(text: str) -> int:
@@ -50,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one method on one data set; writes a run directory")
     t.add_argument("--method", required=True, choices=METHODS)
+    t.add_argument("--variant", help="the method's variant (cm: ict, ct, cd, sct, scd); default: the first")
+    t.add_argument("--teacher", help="distillation teacher: 'exact' (analytic data sets) or a trained fm run directory")
     t.add_argument("--backend", default="torch", choices=BACKENDS)
     t.add_argument("--dataset", required=True, choices=DATASETS)
     t.add_argument("--scale", default="smoke", choices=SCALES)
@@ -66,8 +67,8 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate samples from a trained run")
     s.add_argument("--run", required=True)
-    s.add_argument("--steps", type=positive_int, default=1, help="sampler steps (ODE steps for FM)")
-    s.add_argument("--solver", default="heun", choices=SOLVERS)
+    s.add_argument("--steps", type=positive_int, default=1, help="sampler steps (ODE steps for fm, jumps otherwise)")
+    s.add_argument("--solver", choices=SOLVERS, help="ODE solver (fm only; default heun)")
     src = s.add_mutually_exclusive_group()
     src.add_argument("--noise", help=".npy file of shape (n, d): the noise x1 to transport")
     src.add_argument("--n", type=positive_int, help="number of samples (noise drawn from --seed)")
@@ -78,8 +79,8 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="sample from a run and print the standard metrics as JSON")
     e.add_argument("--run", required=True)
-    e.add_argument("--steps", type=positive_int, default=128)
-    e.add_argument("--solver", default="heun", choices=SOLVERS)
+    e.add_argument("--steps", type=positive_int, help="sampler steps (default: what training evaluates with)")
+    e.add_argument("--solver", choices=SOLVERS, help="ODE solver (fm only; default heun)")
     e.add_argument("--n", type=positive_int, default=2000)
     e.add_argument("--seed", type=non_negative_int, default=0)
     e.add_argument("--device", default="auto")
@@ -97,66 +98,45 @@ def _parser() -> argparse.ArgumentParser:
 
 # -- train -----------------------------------------------------------------------------
 def _train(args) -> dict:
-    from dataclasses import replace
-
     from . import get_backend
     from .evaluation import evaluate
-    from .presets import run_preset
+    from .methods import get_method
+    from .presets import run_preset, with_training
     from .runs import RunDir, provenance
+    from .teachers import load_teacher
     from .train import fit
 
-    preset = run_preset(args.method, args.dataset, args.scale, conditional=args.conditional)
+    preset = run_preset(args.method, args.dataset, args.scale, conditional=args.conditional,
+                        variant=args.variant)
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
                                    ("ema_decay", args.ema_decay)) if v is not None}
     if overrides:
-        preset = replace(preset, train=replace(preset.train, **overrides))
-    run = RunDir(args.out, overwrite=args.overwrite, resume=args.resume)
+        preset = with_training(preset, **overrides)
     bk = get_backend(args.backend, device=args.device)
-    run.write_json("run.json", {"method": args.method, "dataset": args.dataset, "scale": args.scale,
-                                "backend": args.backend, "seed": args.seed,
-                                "conditional": args.conditional, "preset": preset,
+    teacher = load_teacher(bk, args.teacher, preset, args.device)
+    method = get_method(args.method)
+    if args.ema_decay is not None and method.ema_decay(preset.method_cfg, args.ema_decay) != args.ema_decay:
+        raise ValueError(f"--ema-decay {args.ema_decay} cannot apply: the EMA of {args.method} "
+                         f"({preset.variant}) is its target network, with a decay the method sets")
+    method.make_loss(bk, preset.method_cfg, teacher=teacher)  # refuses a missing or unwanted teacher now
+    run = RunDir(args.out, overwrite=args.overwrite, resume=args.resume)
+    run.write_json("run.json", {"method": args.method, "variant": preset.variant, "dataset": args.dataset,
+                                "scale": args.scale, "backend": args.backend, "seed": args.seed,
+                                "conditional": args.conditional, "teacher": args.teacher, "preset": preset,
                                 "provenance": provenance(bk)})
     start = time.perf_counter()
-    state, history, _ = fit(bk, preset, seed=args.seed, ckpt_path=run.file(CKPT), resume=args.resume)
+    state, history, _ = fit(bk, preset, seed=args.seed, ckpt_path=run.file(CKPT), resume=args.resume,
+                            teacher=teacher)
     seconds = time.perf_counter() - start
     samples, labels = sample_run(bk, state.ema, preset, n=2000 if preset.n_train else 1000,
-                                seed=args.seed, steps=32, solver="heun")
+                                 seed=args.seed, steps=method.EVAL_STEPS)
     metrics = {"train_seconds": seconds, "steps": state.step, "final_loss": history[-1][1],
-               "loss_history": history, "eval": {"sampler": "heun", "steps": 32,
+               "loss_history": history, "eval": {"steps": method.EVAL_STEPS,
                                                  **evaluate(args.dataset, samples, labels)}}
     run.write_json("metrics.json", metrics)
     path = run.commit()
     print(json.dumps({"run": path, "final_loss": metrics["final_loss"], **metrics["eval"]}, indent=2))
     return metrics
-
-
-# -- rebuilding a trained run ---------------------------------------------------------------
-def load_run(path: str, device: str = "auto"):
-    """``(backend, ema_model, preset, run_info)`` of a committed run directory."""
-    from . import get_backend
-    from .presets import run_preset
-    from .runs import read_run
-    from .train import run_keys
-
-    info = read_run(path)
-    preset = run_preset(info["method"], info["dataset"], info["scale"], conditional=info["conditional"])
-    saved = info["preset"]["model"]
-    if {k: v for k, v in saved.items() if k != "type"} != _jsonable_fields(preset.model):
-        raise ValueError(f"the network recorded in {path}/run.json no longer matches the preset "
-                         f"({saved} vs {preset.model}); retrain the run")
-    bk = get_backend(info["backend"], device=device)
-    model = bk.make_model(preset.model, run_keys(bk, info["seed"])[0])
-    state = bk.init_train_state(model, lr=preset.train.lr, ema_decay=preset.train.ema_decay)
-    ckpt = os.path.join(path, CKPT)
-    if not os.path.isfile(ckpt):
-        raise FileNotFoundError(f"no checkpoint at {ckpt}")
-    state = bk.load(state, ckpt)
-    return bk, state.ema, preset, info
-
-
-def _jsonable_fields(cfg) -> dict:
-    from .runs import to_jsonable
-    return {k: v for k, v in to_jsonable(cfg).items() if k != "type"}
 
 
 def _sample(args) -> None:
@@ -175,10 +155,12 @@ def _sample(args) -> None:
 
 def _evaluate(args) -> None:
     from .evaluation import evaluate
+    from .methods import get_method
 
     bk, model, preset, _ = load_run(args.run, args.device)
-    x, labels = sample_run(bk, model, preset, n=args.n, seed=args.seed, steps=args.steps, solver=args.solver)
-    print(json.dumps({"run": args.run, "sampler": args.solver, "steps": args.steps,
+    steps = args.steps or get_method(preset.method).EVAL_STEPS
+    x, labels = sample_run(bk, model, preset, n=args.n, seed=args.seed, steps=steps, solver=args.solver)
+    print(json.dumps({"run": args.run, "solver": args.solver, "steps": steps,
                       **evaluate(preset.dataset, x, labels)}, indent=2))
 
 

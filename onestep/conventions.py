@@ -34,3 +34,20 @@ def flow_map_from_average_velocity(z, u, t, r):
 
 EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.002, 80.0
 T_MIN, T_MAX = t_from_sigma(EDM_SIGMA_MIN), t_from_sigma(EDM_SIGMA_MAX)
+
+
+def tau_from_t(xp, t, sigma_data: float):
+    """TrigFlow time of the linear path (sCM): ``x_τ = cos τ·x0 + sin τ·σ_d·x1`` is the same
+    noise-to-signal ratio as ``z_t`` when ``σ_d·tan τ = t/(1 − t)``; τ ∈ [0, π/2] ↦ t ∈ [0, 1]."""
+    return xp.arctan2(t, (1 - t) * sigma_data)
+
+
+def t_from_tau(xp, tau, sigma_data: float):
+    """Inverse of ``tau_from_t``: ``t = σ_d sin τ / (cos τ + σ_d sin τ)``."""
+    s = sigma_data * xp.sin(tau)
+    return s / (xp.cos(tau) + s)
+
+
+def trigflow_scale(xp, tau, sigma_data: float):
+    """``a(τ) = cos τ + σ_d sin τ``, with ``x_τ = a·z_t`` at ``t = t_from_tau(τ)``."""
+    return xp.cos(tau) + sigma_data * xp.sin(tau)

@@ -110,3 +110,43 @@ def read_run(path: str) -> dict:
                                 "create one with `python -m onestep train ... --out DIR`")
     with open(f) as fh:
         return json.load(fh)
+
+
+CKPT = "checkpoint"
+
+
+def _fields(cfg, ignore=("type",)) -> dict:
+    return {k: v for k, v in to_jsonable(cfg).items() if k not in ignore}
+
+
+def load_run(path: str, device: str = "auto", backend=None):
+    """``(backend, ema_model, preset, run_info)`` of a committed run directory.
+
+    With ``backend`` given (a Backend object), the run must have been trained with it; this
+    is how a student loads its teacher into its own framework.
+    """
+    from . import get_backend
+    from .presets import run_preset
+    from .train import run_keys
+
+    info = read_run(path)
+    preset = run_preset(info["method"], info["dataset"], info["scale"], conditional=info["conditional"],
+                        variant=info.get("variant") or None)
+    recorded = info["preset"]
+    for part in ("model", "method_cfg"):
+        saved, now = _fields(recorded[part], ("type", "total_steps")), _fields(getattr(preset, part),
+                                                                             ("type", "total_steps"))
+        if saved != now:
+            raise ValueError(f"the {part} recorded in {path}/run.json no longer matches the preset "
+                             f"({saved} vs {now}); retrain the run")
+    if backend is not None and backend.name != info["backend"]:
+        raise ValueError(f"run {path} was trained with the {info['backend']} backend, not {backend.name}; "
+                         f"train it again with --backend {backend.name}")
+    bk = backend or get_backend(info["backend"], device=device)
+    model = bk.make_model(preset.model, run_keys(bk, info["seed"])[0])
+    state = bk.init_train_state(model, lr=preset.train.lr, ema_decay=preset.train.ema_decay)
+    ckpt = os.path.join(path, CKPT)
+    if not os.path.isfile(ckpt):
+        raise FileNotFoundError(f"no checkpoint at {ckpt}")
+    state = bk.load(state, ckpt)
+    return bk, state.ema, preset, info

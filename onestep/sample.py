@@ -78,11 +78,13 @@ def integrate(bk, model, velocity, z, steps: int, solver: str = "euler", y=None,
     return np.stack(path) if trajectory else z
 
 
-def sample_run(bk, model, preset, n: int, seed: int, steps: int, solver: str = "heun", noise=None, label=None):
+def sample_run(bk, model, preset, n: int, seed: int, steps: int, solver: str | None = None, noise=None,
+               label=None):
     """``(samples, labels)`` of the model of a ``RunPreset``, shaped like its data set.
 
     The noise is given (shape ``(n, *model input)``) or drawn from ``seed``; a class-conditional
-    model is asked for ``label``, or for labels cycling 0..K-1 (sample i gets i mod K).
+    model is asked for ``label``, or for labels cycling 0..K-1 (sample i gets i mod K).  ``solver``
+    applies to ODE samplers (fm; Heun when None); ``seed`` also drives any renoising (cm multistep).
     """
     from .backends.base import model_shape
     from .data import dataset_info
@@ -105,5 +107,6 @@ def sample_run(bk, model, preset, n: int, seed: int, steps: int, solver: str = "
     elif label is not None:
         raise ValueError("a label was given but the model is not class-conditional")
     y = None if labels is None else bk.from_numpy(labels)
-    out = get_method(preset.method).generate(bk, model, bk.from_numpy(noise), steps, solver, y=y)
+    out = get_method(preset.method).sample(bk, model, preset.method_cfg, bk.from_numpy(noise), steps, y=y,
+                                           solver=solver, seed=seed)
     return bk.to_numpy(out).reshape((len(noise), *shape)), labels

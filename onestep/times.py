@@ -25,3 +25,12 @@ def uniform_grid(steps: int, t_start: float = 1.0, t_end: float = 0.0) -> np.nda
     if int(steps) != steps or steps < 1:
         raise ValueError(f"number of steps must be a positive integer, got {steps!r}")
     return np.linspace(t_start, t_end, int(steps) + 1)
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
+    """The EDM/CM grid of ``n ≥ 2`` noise levels, ascending from ``sigma_min`` to ``sigma_max``:
+    ``σ_i = (σ_min^{1/ρ} + i/(n − 1)·(σ_max^{1/ρ} − σ_min^{1/ρ}))^ρ``."""
+    if int(n) != n or n < 2:
+        raise ValueError(f"a noise grid needs at least 2 levels, got {n!r}")
+    i = np.arange(int(n)) / (int(n) - 1)
+    return (sigma_min ** (1 / rho) + i * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho

@@ -113,10 +113,11 @@ def run_keys(bk, seed: int):
 
 
 def fit(bk, preset, seed: int = 0, ckpt_path: str | None = None, resume: bool = False,
-        progress: bool | None = None, data=None):
+        progress: bool | None = None, data=None, teacher=None):
     """Build the data, model and loss of a ``RunPreset`` and train it.
 
-    Returns ``(state, history, data)``; ``data`` is the training set that was used.
+    ``teacher`` is a velocity field ``(z, t, y) -> v`` for distillation methods (see
+    ``onestep.teachers``).  Returns ``(state, history, data)``; ``data`` is the training set used.
     """
     from .data import load
     from .methods import get_method
@@ -124,10 +125,12 @@ def fit(bk, preset, seed: int = 0, ckpt_path: str | None = None, resume: bool = 
     if data is None:
         data = load(preset.dataset, n=preset.n_train, seed=seed, split="train")
     data = as_model_input(data, preset.model)
+    method = get_method(preset.method)
+    loss_fn = method.make_loss(bk, preset.method_cfg, teacher=teacher)
     model_key, _ = run_keys(bk, seed)
     state = bk.init_train_state(bk.make_model(preset.model, model_key), lr=preset.train.lr,
-                                ema_decay=preset.train.ema_decay, grad_clip=preset.train.grad_clip)
-    loss_fn = get_method(preset.method).make_loss(bk, preset.method_cfg)
+                                ema_decay=method.ema_decay(preset.method_cfg, preset.train.ema_decay),
+                                grad_clip=preset.train.grad_clip)
     state, history = train(bk, loss_fn, state, data, preset.train, seed, ckpt_path=ckpt_path,
                            resume=resume, progress=progress)
     return state, history, data

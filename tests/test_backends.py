@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from parity import TOL, assert_same_loss_and_grads, make_pair
 
 from onestep import get_backend
 from onestep.backends.base import MLPConfig
@@ -11,17 +12,8 @@ from onestep.backends.embedding import embed_conditions, frequencies
 from onestep.methods import fm
 from onestep.sample import integrate
 
-TOL = 1e-10
 CFG = MLPConfig(data_dim=3, n_cond=2, width=32, depth=3, n_classes=4)
 FM_CFG = MLPConfig(data_dim=3, n_cond=fm.N_COND, width=32, depth=3, n_classes=4)
-
-
-def make_pair(cfg):
-    """Torch and JAX backends in float64 with identical MLP weights."""
-    tb, jb = get_backend("torch", precision="float64"), get_backend("jax", precision="float64")
-    tm = tb.make_model(cfg, tb.key(0))
-    jm = jb.set_params(jb.make_model(cfg, jb.key(0)), tb.get_params(tm))
-    return tb, tm, jb, jm
 
 
 @pytest.fixture(scope="module")
@@ -110,30 +102,8 @@ def _fixed_draws(bk, n, seed=3):
 def test_fm_loss_and_gradient_parity(fm_pair):
     x, _, y = inputs(8)
     y = y % CFG.n_classes
-
-    def torch_side(bk, m):
-        m.zero_grad()
-        loss, _ = fm.loss_from_draws(bk, m, {"x": bk.from_numpy(x), "y": bk.from_numpy(y)}, _fixed_draws(bk, 8))
-        loss.backward()
-        return float(loss), {k: p.grad.numpy() for k, p in m.named_parameters()}
-
-    def jax_side(bk, m):
-        import equinox as eqx
-
-        from onestep.backends.jax_backend.params import to_flat
-
-        def f(mm):
-            return fm.loss_from_draws(bk, mm, {"x": bk.from_numpy(x), "y": bk.from_numpy(y)},
-                                      _fixed_draws(bk, 8))[0]
-        loss, grads = eqx.filter_value_and_grad(f)(m)
-        return float(loss), to_flat(grads)
-
-    tb, tm, jb, jm = fm_pair
-    (lt, gt), (lj, gj) = torch_side(tb, tm), jax_side(jb, jm)
-    assert abs(lt - lj) < TOL
-    assert gt.keys() == gj.keys()
-    for k in gt:
-        assert np.max(np.abs(gt[k] - gj[k])) < TOL, k
+    assert_same_loss_and_grads(fm_pair, lambda bk, m: fm.loss_from_draws(
+        bk, m, {"x": bk.from_numpy(x), "y": bk.from_numpy(y)}, _fixed_draws(bk, 8)))
 
 
 @pytest.mark.parametrize("solver", ["euler", "heun"])

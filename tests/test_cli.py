@@ -109,3 +109,40 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
     (out / "checkpoint").write_bytes(b"garbage")
     r = cli("sample", "--run", str(out), "--out", str(tmp_path / "s.npy"))
     assert r.returncode == 2 and "not a torch onestep checkpoint" in r.stderr
+
+
+def test_distillation_teachers(tmp_path):
+    """CD needs a teacher: none, a missing folder and a non-FM run are refused with a way out;
+    the exact field and a trained FM run both work, and the student samples and evaluates."""
+    common = ("train", "--method", "cm", "--variant", "cd", "--dataset", "8gaussians", "--steps", "30")
+    r = cli(*common, "--out", str(tmp_path / "a"))
+    assert r.returncode == 2 and "needs a teacher" in r.stderr and "--teacher exact" in r.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
+    r = cli(*common, "--teacher", str(tmp_path / "nope"), "--out", str(tmp_path / "a"))
+    assert r.returncode == 2 and "does not exist" in r.stderr and "--method fm" in r.stderr
+    r = cli("train", "--method", "cm", "--variant", "sct", "--dataset", "8gaussians", "--steps", "5",
+            "--teacher", "exact", "--out", str(tmp_path / "a"))
+    assert r.returncode == 2 and "trains without a teacher" in r.stderr
+
+    assert cli(*common, "--teacher", "exact", "--out", str(tmp_path / "cd")).returncode == 0
+    run = json.loads((tmp_path / "cd" / "run.json").read_text())
+    assert run["variant"] == "cd" and run["teacher"] == "exact"
+    r = cli(*common, "--teacher", str(tmp_path / "cd"), "--out", str(tmp_path / "b"))
+    assert r.returncode == 2 and "must be a flow-matching (fm) run" in r.stderr
+
+    assert cli("train", "--method", "fm", "--dataset", "8gaussians", "--steps", "30",
+               "--out", str(tmp_path / "fm")).returncode == 0
+    r = cli(*common, "--teacher", str(tmp_path / "fm"), "--out", str(tmp_path / "cd_fm"))
+    assert r.returncode == 0, r.stderr
+    r = cli("sample", "--run", str(tmp_path / "cd_fm"), "--steps", "2", "--n", "5", "--out", str(tmp_path / "s.npy"))
+    assert r.returncode == 0, r.stderr
+    assert np.load(tmp_path / "s.npy").shape == (5, 2)
+    r = cli("sample", "--run", str(tmp_path / "cd_fm"), "--solver", "heun", "--out", str(tmp_path / "s.npy"))
+    assert r.returncode == 2 and "samples by jumps" in r.stderr
+    r = cli("evaluate", "--run", str(tmp_path / "cd_fm"), "--n", "200")
+    assert r.returncode == 0 and json.loads(r.stdout)["steps"] == 1
+
+
+def test_unknown_variant(tmp_path):
+    r = cli("train", "--method", "cm", "--variant", "ctx", "--dataset", "8gaussians", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "unknown variant 'ctx'" in r.stderr and "ict, ct, cd, sct, scd" in r.stderr

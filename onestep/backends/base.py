@@ -81,6 +81,7 @@ class TrainState:
 
 
 LossFn = Callable[..., tuple[Any, dict]]
+EMADecay = float | Callable[[int], float]  # a constant, or the decay used at each step (CT's μ(k))
 
 
 class Backend(Protocol):
@@ -111,13 +112,21 @@ class Backend(Protocol):
     def count_params(self, model: Any) -> int: ...
 
     # -- training -------------------------------------------------------------
-    def init_train_state(self, model: Any, lr: float, ema_decay: float,
+    def init_train_state(self, model: Any, lr: float, ema_decay: EMADecay,
                          grad_clip: float | None = None) -> TrainState: ...
     def train_step(self, loss_fn: LossFn, state: TrainState, data: dict, idx: np.ndarray,
                    key: Any) -> tuple[TrainState, Any, dict]: ...
     def inference(self, fn: Callable) -> Callable: ...
     def save(self, state: TrainState, path: str) -> None: ...
     def load(self, state: TrainState, path: str) -> TrainState: ...
+
+
+def ema_decay_at(decay: EMADecay, step: int) -> float:
+    """The EMA decay applied after optimisation step ``step`` (a constant or a schedule)."""
+    value = float(decay(step)) if callable(decay) else float(decay)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1), got {value} at step {step}")
+    return value
 
 
 def model_shape(cfg: ModelConfig) -> tuple[int, ...]:

@@ -16,7 +16,10 @@ def frequencies(dim: int) -> np.ndarray:
     return np.exp(-math.log(10000.0) * np.arange(half) / half)
 
 
-def embed_conditions(xp, cond, freqs, scale: float = 1000.0):
+EMBEDDING_TIME_SCALE = 1000.0
+
+
+def embed_conditions(xp, cond, freqs, scale: float = EMBEDDING_TIME_SCALE):
     """Embed each column of ``cond`` ``(n, k)`` as ``[cos(scale·c·f), sin(scale·c·f)]``,
     concatenated over columns: ``(n, k·2·len(freqs))``.
 

@@ -59,8 +59,10 @@ def loss_from_draws(bk, model, batch: dict, draws: dict):
     return loss, {"mse": loss}
 
 
-def make_loss(bk, cfg: FMConfig):
+def make_loss(bk, cfg: FMConfig, teacher=None):
     """The training loss ``(model, ema, batch, key, step) -> (loss, aux)``; FM ignores the EMA."""
+    if teacher is not None:
+        raise ValueError("flow matching learns from data; it takes no teacher")
     def loss_fn(model, ema, batch, key, step):
         return loss_from_draws(bk, model, batch, draw(bk, key, batch, cfg))
     return loss_fn
@@ -78,3 +80,18 @@ def guided_velocity(bk, model, z, t, y=None, guidance: float = 1.0):
 def generate(bk, model, x1, steps: int, solver: str = "heun", y=None, guidance: float = 1.0):
     """Samples from noise ``x1`` by solving the learned ODE from t = 1 to t = 0."""
     return integrate(bk, model, guided_velocity, x1, steps, solver, y=y, guidance=guidance)
+
+
+VARIANTS = ("fm",)
+EVAL_STEPS = 32
+
+
+def ema_decay(cfg: FMConfig, default: float) -> float:
+    """FM keeps the preset's constant EMA decay."""
+    return default
+
+
+def sample(bk, model, cfg: FMConfig, x1, steps: int, y=None, solver: str | None = None, seed: int = 0):
+    """The method protocol's sampler: ``steps`` ODE steps (Heun unless ``solver`` says otherwise);
+    deterministic, so ``seed`` is unused."""
+    return generate(bk, model, x1, steps, solver or "heun", y=y)

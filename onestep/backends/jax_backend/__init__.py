@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..base import MLPConfig, TrainState, UNetConfig
+from ..base import MLPConfig, TrainState, UNetConfig, ema_decay_at
 from ..checkpoint import atomic_write
 from .mlp import MLP
 from .params import from_flat, to_flat
@@ -110,11 +110,11 @@ class JaxBackend:
         return TrainState(model=model, ema=ema, opt_state=opt_state, step=0,
                           extra={"ema_decay": ema_decay, "optimizer": opt})
 
-    def _compiled_step(self, loss_fn, opt, decay):
-        cache_key = (loss_fn, opt, decay)  # an optax transformation is a hashable tuple
+    def _compiled_step(self, loss_fn, opt):
+        cache_key = (loss_fn, opt)  # an optax transformation is a hashable tuple
         if cache_key not in self._compiled:
             @eqx.filter_jit
-            def step(model, ema, opt_state, data, idx, key, step_no):
+            def step(model, ema, opt_state, data, idx, key, step_no, decay):
                 batch = {k: None if v is None else v[idx] for k, v in data.items()}
                 step_key = jax.random.fold_in(key, step_no)
 
@@ -124,7 +124,8 @@ class JaxBackend:
                 (loss, aux), grads = eqx.filter_value_and_grad(scalar_loss, has_aux=True)(model)
                 updates, opt_state = opt.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
                 model = eqx.apply_updates(model, updates)
-                ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e) if _is_float_array(p) else e,
+                ema = jax.tree.map(lambda e, p: e + (1.0 - decay).astype(p.dtype) * (p - e)
+                                   if _is_float_array(p) else e,
                                    ema, model)
                 return model, ema, opt_state, loss, aux
 
@@ -132,9 +133,10 @@ class JaxBackend:
         return self._compiled[cache_key]
 
     def train_step(self, loss_fn, state: TrainState, data: dict, idx, key):
-        fn = self._compiled_step(loss_fn, state.extra["optimizer"], state.extra["ema_decay"])
+        fn = self._compiled_step(loss_fn, state.extra["optimizer"])
+        decay = np.float64(ema_decay_at(state.extra["ema_decay"], state.step))
         model, ema, opt_state, loss, aux = fn(state.model, state.ema, state.opt_state, data,
-                                              np.asarray(idx), key, np.asarray(state.step, np.uint32))
+                                              np.asarray(idx), key, np.asarray(state.step, np.uint32), decay)
         new = TrainState(model=model, ema=ema, opt_state=opt_state, step=state.step + 1, extra=state.extra)
         return new, loss, aux
 

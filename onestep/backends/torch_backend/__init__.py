@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..base import MLPConfig, TrainState, UNetConfig
+from ..base import MLPConfig, TrainState, UNetConfig, ema_decay_at
 from ..checkpoint import atomic_write
 from ..keys import fold_in_seed, split_seed
 from .mlp import MLP
@@ -120,7 +120,7 @@ class TorchBackend:
         opt.step()
         with torch.no_grad():
             torch._foreach_lerp_(list(state.ema.parameters()), list(model.parameters()),
-                                 1.0 - state.extra["ema_decay"])
+                                 1.0 - ema_decay_at(state.extra["ema_decay"], state.step))
         state.step += 1
         return state, loss.detach(), {k: v.detach() for k, v in aux.items()}
 

@@ -1,0 +1,375 @@
+"""Consistency models, written once for both backends.
+
+A consistency function maps every point of a PF-ODE trajectory to the trajectory's clean
+end: ``f(z_t, t) = z_ε``.  It is wired as ``f = c_skip(t)·z + c_out(t)·F_θ(c_in(t)·z, t)``
+with ``c_skip(ε) = 1`` and ``c_out(ε) = 0``, so the boundary ``f(z, ε) = z`` holds for any
+network.  Two parameterisations, both in the book's time t (data at 0, noise at 1):
+
+- ``edm`` (CD, CT, iCT): the EDM/CM skip and output weights on ``σ = t/(1 − t)``, carried
+  over to the linear path by ``z_t = (1 − t)·x_σ``; the boundary sits at ``t = ε``
+  (``σ_min = 0.002``).
+- ``trig`` (sCT, sCD): TrigFlow, ``f = cos τ·x_τ − σ_d sin τ·F(x_τ/σ_d, t)`` with
+  ``x_τ = a(τ)·z_t`` (see ``conventions.tau_from_t``); the boundary sits at t = 0.
+
+Training variants:
+
+- ``cd``: consistency distillation; one Heun step of a teacher's ODE from ``t_{i+1}`` to ``t_i``;
+- ``ct``: consistency training; the adjacent point uses the same noise; EMA target with the
+  adaptive curriculum ``N(k)``, ``μ(k)`` of Song et al. (2023);
+- ``ict``: improved CT; the target is the online network under stop-gradient, pseudo-Huber
+  distance, ``1/Δσ`` weights, lognormal index sampling, ``N`` doubling;
+- ``sct`` / ``scd``: continuous time (Lu & Song 2024); the tangent ``cos τ·df⁻/dτ`` from a JVP,
+  normalised ``g/(‖g‖ + c)`` and warmed up.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+
+from ..backends.embedding import EMBEDDING_TIME_SCALE
+from ..conventions import EDM_SIGMA_MAX, EDM_SIGMA_MIN, t_from_sigma, t_from_tau, tau_from_t, trigflow_scale
+from ..paths import expand, interpolate
+from ..times import karras_sigmas
+from . import no_solver
+from .fm import condition_labels
+
+VARIANTS = ("ict", "ct", "cd", "sct", "scd")
+N_COND = 1
+EVAL_STEPS = 1
+CURRICULA = ("doubling", "adaptive", "fixed")
+DISTANCES = ("l2", "pseudo_huber")
+WEIGHTINGS = ("uniform", "inv_dsigma")
+INDEX_SAMPLERS = ("uniform", "lognormal")
+TARGETS = ("online", "ema", "unstopped")  # sg(θ), sg(EMA θ⁻), or θ with the gradient flowing (collapses)
+IMAGE_SIGMA_DATA = 0.5  # the papers' constants assume σ_d = 0.5; ours are rescaled by σ_d / 0.5
+PSEUDO_HUBER_C = 0.00054  # iCT: c = 0.00054·√D at σ_d = 0.5
+
+
+@dataclass(frozen=True)
+class CMConfig:
+    """Hyper-parameters of one consistency-model variant (values per scale live in ``presets``)."""
+
+    variant: str = "ict"
+    sigma_data: float = 0.5
+    total_steps: int = 1  # length of the discretisation curriculum: the run's training steps
+    # discrete time: the EDM grid and its curriculum
+    sigma_min: float = EDM_SIGMA_MIN
+    sigma_max: float = EDM_SIGMA_MAX
+    rho: float = 7.0
+    curriculum: str = "doubling"
+    n_start: int = 10
+    n_end: int = 1280
+    mu0: float = 0.9  # EMA target decay (CT: at N = n_start, then μ(k) = exp(n_start·ln μ0 / N(k)))
+    target: str = "online"
+    distance: str = "pseudo_huber"
+    weighting: str = "inv_dsigma"
+    index_sampling: str = "lognormal"
+    p_mean: float = -1.1  # lognormal σ/(2σ_d) for iCT's index sampling, or tan τ = e^P/0.5 for sCM
+    p_std: float = 2.0
+    # continuous time
+    tangent_norm: float = 0.1
+    warmup_fraction: float = 0.0  # tangent warmup over this fraction of the run (0: none)
+    label_dropout: float = 0.0
+
+    def __post_init__(self):
+        for name, accepted in (("variant", VARIANTS), ("curriculum", CURRICULA), ("distance", DISTANCES),
+                               ("weighting", WEIGHTINGS), ("index_sampling", INDEX_SAMPLERS),
+                               ("target", TARGETS)):
+            if getattr(self, name) not in accepted:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; accepted: {', '.join(accepted)}")
+        if not (isinstance(self.n_start, int) and self.n_start >= 2):
+            raise ValueError(f"n_start must be an integer ≥ 2 (grid points), got {self.n_start!r}")
+        if not (isinstance(self.n_end, int) and self.n_end >= self.n_start):
+            raise ValueError(f"the discretisation must not shrink: n_end = {self.n_end!r} < n_start = "
+                             f"{self.n_start}; use n_end ≥ n_start (equal for a fixed grid)")
+        if self.curriculum == "doubling" and self.n_end < 2 * self.n_start and self.n_end != self.n_start:
+            raise ValueError(f"a doubling curriculum from {self.n_start} needs n_end ≥ {2 * self.n_start} "
+                             f"(or n_end = n_start for no growth), got {self.n_end}")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps must be positive, got {self.total_steps!r}")
+
+    @property
+    def parameterisation(self) -> str:
+        return "trig" if self.variant in ("sct", "scd") else "edm"
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.variant in ("cd", "scd")
+
+    @property
+    def t_min(self) -> float:
+        """The boundary time ε where ``f(z, ε) = z``."""
+        return 0.0 if self.parameterisation == "trig" else float(t_from_sigma(self.sigma_min))
+
+    @property
+    def t_max(self) -> float:
+        """Where one-step sampling starts (noise ``x1`` sits at ``z = t_max·x1``)."""
+        return 1.0 if self.parameterisation == "trig" else float(t_from_sigma(self.sigma_max))
+
+
+# -- the consistency function ---------------------------------------------------------------
+def coefficients(xp, cfg: CMConfig, t):
+    """``(c_skip, c_out, c_in)`` at times ``t`` (any array shape) in the book's convention."""
+    sd = cfg.sigma_data
+    if cfg.parameterisation == "trig":
+        tau = tau_from_t(xp, t, sd)
+        a = trigflow_scale(xp, tau, sd)
+        return a * xp.cos(tau), -sd * xp.sin(tau), a / sd
+    sigma, lead = t / (1 - t), 1 - cfg.t_min
+    root = xp.sqrt(sigma**2 + sd**2)
+    c_skip = lead / (1 - t) * sd**2 / ((sigma - cfg.sigma_min) ** 2 + sd**2)
+    return c_skip, lead * sd * (sigma - cfg.sigma_min) / root, 1 / ((1 - t) * root)
+
+
+def network_time(xp, cfg: CMConfig, t):
+    """The time the network sees: t itself (edm), or TrigFlow's τ without the ×1000 of the
+    embedding (sCM's stability fix, ``c_noise = τ``: a smooth time input keeps ``dF/dτ`` small)."""
+    if cfg.parameterisation == "trig":
+        return tau_from_t(xp, t, cfg.sigma_data) / EMBEDDING_TIME_SCALE
+    return t
+
+
+def consistency(bk, model, cfg: CMConfig, z, t, y=None):
+    """``f_θ(z, t) = c_skip(t)·z + c_out(t)·F_θ(c_in(t)·z, t)``; ``t`` a scalar array or one per row."""
+    t = bk.xp.broadcast_to(t, (z.shape[0],))
+    c_skip, c_out, c_in = (expand(c, z) for c in coefficients(bk.xp, cfg, t))
+    return c_skip * z + c_out * model(c_in * z, network_time(bk.xp, cfg, t)[:, None], y)
+
+
+# -- the discretisation curriculum ----------------------------------------------------------
+def n_schedule(cfg: CMConfig) -> np.ndarray:
+    """Grid size ``N(k)`` (number of noise levels) at every training step k."""
+    k, total, s0, s1 = np.arange(cfg.total_steps), cfg.total_steps, cfg.n_start, cfg.n_end
+    if cfg.curriculum == "fixed" or s1 == s0:
+        return np.full(total, s1)
+    if cfg.curriculum == "adaptive":  # Song et al. (2023), with N counting grid points
+        return (np.ceil(np.sqrt(k / total * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1) + 1).astype(int)
+    stages = int(math.log2(s1 // s0)) + 1  # iCT: s0, 2·s0, ... capped at s1, equal-length stages
+    per_stage = max(total // stages, 1)
+    return np.minimum(s0 * 2 ** (k // per_stage), s1).astype(int) + 1
+
+
+def ema_decay(cfg: CMConfig, default: float):
+    """An EMA target decays at ``μ0``, or with CT's adaptive curriculum at ``μ(k) = exp(n_start·ln μ0 / N(k))``
+    (the evaluation model is then that same EMA); without an EMA target the EMA keeps ``default``."""
+    if cfg.target != "ema":
+        return default
+    if cfg.curriculum != "adaptive":
+        return cfg.mu0
+    decays = np.exp(cfg.n_start * np.log(cfg.mu0) / n_schedule(cfg))
+    return lambda step: decays[min(step, len(decays) - 1)]
+
+
+def index_probabilities(cfg: CMConfig, sigmas: np.ndarray) -> np.ndarray:
+    """Probability of training on interval ``(σ_i, σ_{i+1})``: uniform, or iCT's lognormal
+    ``∝ erf((ln σ_{i+1} − P_mean)/(√2 P_std)) − erf((ln σ_i − P_mean)/(√2 P_std))``."""
+    if cfg.index_sampling == "uniform":
+        return np.full(len(sigmas) - 1, 1.0 / (len(sigmas) - 1))
+    from scipy.special import erf
+    log_sigma = np.log(sigmas * IMAGE_SIGMA_DATA / cfg.sigma_data)
+    cdf = erf((log_sigma - cfg.p_mean) / (math.sqrt(2) * cfg.p_std))
+    p = np.diff(cdf)
+    return p / p.sum()
+
+
+@dataclass(frozen=True)
+class _Grids:
+    """The curriculum as device tables: step → row; row → padded σ grid and interval CDF."""
+
+    row_of_step: object
+    sigmas: object
+    cdf: object
+    n_steps: int
+
+
+def curriculum_tables(bk, cfg: CMConfig) -> _Grids:
+    """One row per distinct grid size, so a compiled step looks its grid up by index."""
+    n_of_step = n_schedule(cfg)
+    sizes, row_of_step = np.unique(n_of_step, return_inverse=True)
+    width = int(sizes.max())
+    sigmas = np.zeros((len(sizes), width))
+    cdf = np.ones((len(sizes), width - 1))
+    for r, n in enumerate(sizes):
+        grid = karras_sigmas(int(n), cfg.sigma_min, cfg.sigma_max, cfg.rho)
+        sigmas[r] = np.concatenate([grid, np.full(width - n, grid[-1])])
+        cdf[r, : n - 1] = np.cumsum(index_probabilities(cfg, grid))
+        cdf[r, n - 2:] = 1.0
+    return _Grids(bk.from_numpy(row_of_step.astype(np.int64)), bk.from_numpy(sigmas), bk.from_numpy(cdf),
+                  len(n_of_step))
+
+
+def draw_intervals(bk, grids: _Grids, key, n: int, step):
+    """``(σ_i, σ_{i+1})`` per row for training step ``step``: an interval of that step's grid."""
+    xp = bk.xp
+    row = grids.row_of_step[xp.clip(xp.asarray(step), 0, grids.n_steps - 1)]
+    u = bk.uniform(key, (n,))
+    i = xp.sum(grids.cdf[row][None, :] < u[:, None], axis=1)
+    sig = grids.sigmas[row]
+    return sig[i], sig[i + 1]
+
+
+def distance(bk, cfg: CMConfig, a, b):
+    """Per-row distance: mean squared error, or pseudo-Huber ``√(‖a − b‖² + c²) − c``."""
+    xp = bk.xp
+    sq = xp.sum(((a - b) ** 2).reshape((a.shape[0], -1)), axis=1)
+    dim = math.prod(a.shape[1:])
+    if cfg.distance == "l2":
+        return sq / dim
+    c = PSEUDO_HUBER_C * math.sqrt(dim) * cfg.sigma_data / IMAGE_SIGMA_DATA
+    return xp.sqrt(sq + c**2) - c
+
+
+def teacher_heun_step(teacher, z, t, s, y):
+    """One Heun step of the teacher's ODE from ``t`` to ``s`` (per-row times)."""
+    h = expand(s - t, z)
+    d1 = teacher(z, t, y)
+    d2 = teacher(z + h * d1, s, y)
+    return z + h * 0.5 * (d1 + d2)
+
+
+def draw(bk, cfg: CMConfig, grids, key, batch: dict, step) -> dict:
+    """The random part of one loss evaluation: the noise, the label-dropout mask, and the
+    interval ``(σ_i, σ_{i+1})`` of the step's grid (discrete) or the TrigFlow time τ (continuous)."""
+    x0 = batch["x"]
+    n = x0.shape[0]
+    k_t, k_n, k_y = bk.split(key, 3)
+    draws = {"noise": bk.normal(k_n, tuple(x0.shape))}
+    if cfg.parameterisation == "trig":
+        # τ is a signal-to-noise angle (tan τ = σ/σ_d), so sCM's image distribution carries over unchanged
+        p = cfg.p_mean + cfg.p_std * bk.normal(k_t, (n,))
+        draws["tau"] = bk.xp.arctan(bk.xp.exp(p) / IMAGE_SIGMA_DATA)
+    else:
+        draws["sigma_lo"], draws["sigma_hi"] = draw_intervals(bk, grids, k_t, n, step)
+    if batch.get("y") is not None:
+        draws["drop"] = bk.uniform(k_y, (n,)) < cfg.label_dropout
+    return draws
+
+
+def discrete_loss(bk, cfg: CMConfig, teacher, model, ema, batch: dict, draws: dict):
+    """CD / CT / iCT: ``λ(σ_i, σ_{i+1})·d(f_θ(z_{t_{i+1}}, t_{i+1}), sg f_θ⁻(z_{t_i}, t_i))``."""
+    x0, noise, s_lo, s_hi = batch["x"], draws["noise"], draws["sigma_lo"], draws["sigma_hi"]
+    t_lo, t_hi = t_from_sigma(s_lo), t_from_sigma(s_hi)
+    y = condition_labels(bk, model, batch.get("y"), draws.get("drop"))
+    z_hi = interpolate(x0, noise, t_hi)
+    if teacher is None:
+        z_lo = interpolate(x0, noise, t_lo)  # CT: the same noise one grid step cleaner
+    else:
+        z_lo = bk.stop_gradient(teacher_heun_step(teacher, z_hi, t_hi, t_lo, y))
+    target = consistency(bk, ema if cfg.target == "ema" else model, cfg, z_lo, t_lo, y)
+    if cfg.target != "unstopped":
+        target = bk.stop_gradient(target)
+    d = distance(bk, cfg, consistency(bk, model, cfg, z_hi, t_hi, y), target)
+    weight = 1 / (s_hi - s_lo) if cfg.weighting == "inv_dsigma" else bk.xp.ones_like(d)
+    loss = bk.xp.mean(weight * d)
+    return loss, {"distance": bk.xp.mean(d), "sigma_gap": bk.xp.mean(s_hi - s_lo)}
+
+
+# -- continuous time (TrigFlow) -------------------------------------------------------------
+def trig_network(bk, model, cfg: CMConfig, y):
+    """``(x_τ/σ_d, τ) ↦ F_θ(x_τ/σ_d, τ)``: the network in TrigFlow variables (see ``network_time``)."""
+    def F(x_in, tau):
+        return model(x_in, (tau / EMBEDDING_TIME_SCALE)[:, None], y)
+    return F
+
+
+def trig_velocity(bk, cfg: CMConfig, teacher, x_tau, tau, y):
+    """``dx_τ/dτ`` along a teacher's ODE given in the book's time:
+    ``(σ_d cos τ − sin τ)·z_t + σ_d·v(z_t, t)/a(τ)`` with ``z_t = x_τ/a(τ)``."""
+    xp, sd = bk.xp, cfg.sigma_data
+    a = expand(trigflow_scale(xp, tau, sd), x_tau)
+    z = x_tau / a
+    lead = expand(sd * xp.cos(tau) - xp.sin(tau), x_tau)
+    return lead * z + sd * teacher(z, t_from_tau(xp, tau, sd), y) / a
+
+
+def trig_tangent(bk, cfg: CMConfig, model, x_tau, dx_dtau, tau, y, warmup):
+    """``(F⁻, g)``: the online network without gradient and the sCM tangent
+    ``g = −cos²τ·(σ_d F⁻ − dx/dτ) − r·cos τ sin τ·(x_τ + σ_d dF⁻/dτ)``, which is ``cos τ·df⁻/dτ``
+    at ``r = 1`` (``r`` is the warmup factor).  The JVP carries tangents scaled by ``cos τ sin τ``."""
+    xp, sd = bk.xp, cfg.sigma_data
+    cs = xp.cos(tau) * xp.sin(tau)
+    F_minus, dF = bk.jvp(trig_network(bk, model, cfg, y), (x_tau / sd, tau),
+                         (expand(cs, x_tau) * dx_dtau / sd, cs))  # dF = cos τ sin τ · dF⁻/dτ
+    F_minus, dF = bk.stop_gradient(F_minus), bk.stop_gradient(dF)
+    cos = expand(xp.cos(tau), x_tau)
+    g = -(cos**2) * (sd * F_minus - dx_dtau) - warmup * (expand(cs, x_tau) * x_tau + sd * dF)
+    return F_minus, g
+
+
+def continuous_loss(bk, cfg: CMConfig, teacher, model, batch: dict, draws: dict, step):
+    """sCT / sCD: ``‖F_θ(x_τ/σ_d, τ) − F⁻ − g/(‖g‖ + c)‖²/D`` at ``x_τ = cos τ·x0 + sin τ·σ_d·ε``."""
+    xp, sd = bk.xp, cfg.sigma_data
+    x0, noise, tau = batch["x"], draws["noise"], draws["tau"]
+    y = condition_labels(bk, model, batch.get("y"), draws.get("drop"))
+    cos, sin = expand(xp.cos(tau), x0), expand(xp.sin(tau), x0)
+    x_tau = cos * x0 + sin * sd * noise
+    if teacher is None:
+        dx_dtau = cos * sd * noise - sin * x0  # sCT: the conditional velocity in TrigFlow time
+    else:
+        dx_dtau = bk.stop_gradient(trig_velocity(bk, cfg, teacher, x_tau, tau, y))
+    warmup_steps = cfg.warmup_fraction * cfg.total_steps
+    warmup = xp.clip(xp.asarray(step + 1) / warmup_steps, 0.0, 1.0) if warmup_steps > 0 else 1.0
+    F_minus, g = trig_tangent(bk, cfg, model, x_tau, dx_dtau, tau, y, warmup)
+    norm = xp.sqrt(xp.sum((g**2).reshape((g.shape[0], -1)), axis=1))
+    g = g / (expand(norm, g) + cfg.tangent_norm)
+    err = trig_network(bk, model, cfg, y)(x_tau / sd, tau) - F_minus - g
+    return xp.mean(err**2), {"tangent_norm": xp.mean(norm)}
+
+
+def loss_from_draws(bk, cfg: CMConfig, teacher, model, ema, batch: dict, draws: dict, step):
+    """The variant's loss for given random draws (see ``draw``)."""
+    if cfg.parameterisation == "trig":
+        return continuous_loss(bk, cfg, teacher, model, batch, draws, step)
+    return discrete_loss(bk, cfg, teacher, model, ema, batch, draws)
+
+
+def make_loss(bk, cfg: CMConfig, teacher=None):
+    """The training loss of ``cfg.variant``; ``teacher`` is a velocity field for ``cd`` / ``scd``."""
+    if cfg.needs_teacher and teacher is None:
+        raise ValueError(f"consistency distillation ({cfg.variant!r}) needs a teacher velocity field: "
+                         "pass --teacher exact (analytic data sets) or --teacher RUN_DIR of a trained "
+                         "flow-matching run (python -m onestep train --method fm ...)")
+    if not cfg.needs_teacher and teacher is not None:
+        raise ValueError(f"variant {cfg.variant!r} trains without a teacher; drop the teacher "
+                         f"(distillation variants: cd, scd)")
+    grids = None if cfg.parameterisation == "trig" else curriculum_tables(bk, cfg)
+
+    def loss_fn(model, ema, batch, key, step):
+        return loss_from_draws(bk, cfg, teacher, model, ema, batch, draw(bk, cfg, grids, key, batch, step), step)
+    return loss_fn
+
+
+# -- sampling -------------------------------------------------------------------------------
+def sampling_times(cfg: CMConfig, steps: int) -> np.ndarray:
+    """The ``steps`` times the multistep sampler evaluates f at, from ``t_max`` down: the
+    EDM grid of ``steps + 1`` levels without ``σ_min`` (edm), or equal steps in τ (trig)."""
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"number of sampling steps must be a positive integer, got {steps!r}")
+    if cfg.parameterisation == "trig":
+        tau = 0.5 * np.pi * (1 - np.arange(steps) / steps)
+        return t_from_tau(np, tau, cfg.sigma_data)
+    return t_from_sigma(karras_sigmas(steps + 1, cfg.sigma_min, cfg.sigma_max, cfg.rho)[::-1][:steps])
+
+
+@cache
+def _jump(bk, cfg: CMConfig):
+    return bk.inference(lambda model, z, t, y: consistency(bk, model, cfg, z, t, y))
+
+
+def sample(bk, model, cfg: CMConfig, x1, steps: int, y=None, solver: str | None = None, seed: int = 0):
+    """Multistep consistency sampling: ``x = f(t_0·x1, t_0)``, then for each later time
+    renoise ``z = (1 − t_k)·x + t_k·ε_k`` and jump again.  One step is ``f(t_max·x1, t_max)``."""
+    no_solver("cm", solver)
+    times = sampling_times(cfg, steps)
+    jump = _jump(bk, cfg)
+    rng = np.random.default_rng(seed)
+    x = jump(model, float(times[0]) * x1, bk.from_numpy(np.asarray(times[0])), y)
+    for t in map(float, times[1:]):
+        eps = bk.from_numpy(rng.standard_normal(tuple(x1.shape)))
+        x = jump(model, (1 - t) * x + t * eps, bk.from_numpy(np.asarray(t)), y)
+    return x

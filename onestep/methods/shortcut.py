@@ -1,0 +1,188 @@
+"""Shortcut models (Frans et al. 2025), written once for both backends.
+
+A shortcut network ``s_θ(z, t, d)`` predicts the average velocity over one step of size ``d``
+from time ``t`` towards the data: the jump is ``z ↦ z − d·s_θ(z, t, d)``, landing at ``t − d``
+(in the two-time notation of the book, ``s_θ(z, t, d) = u(z, t − d, t)``).  Step sizes are
+powers of two, ``d = 2^−k`` with ``k = 0 … L`` and ``2^L = max_steps``; the network sees
+``(t, k/L)``, the step size embedded as log2 of the number of steps, scaled into [0, 1].
+
+Training splits every batch.  The first ``batch/bootstrap_every`` rows get *bootstrap* targets at
+a level ``k < L``: two half steps of size ``d/2`` with the EMA network (``ema_target``; else the
+online network), averaged under stop-gradient,
+``sg[(s(z, t, d/2) + s(z', t − d/2, d/2))/2]`` with ``z' = z − (d/2)·s(z, t, d/2)``.  The other rows
+get the flow-matching target ``x1 − x0`` at the smallest level ``k = L``.  Plain squared error,
+no JVP.  Every row's time lies on the grid of its step, ``t ∈ {d, 2d, …, 1}``, so a sampler with
+``K = 2^k`` steps from t = 1 visits only trained points.
+
+Mapping from the official code (noise at τ = 0, data at τ = 1, steps from τ to τ + d):
+``t = 1 − τ`` and ``s_ours = −s_code`` (``conventions.from_noise_at_zero``); its ``dt_base = k``;
+its bootstrap times ``τ ∈ {0, d, …, 1 − d}`` are ours ``t ∈ {d, …, 1}``; its flow-matching rows
+sit at ``dt_base = log2(denoise_timesteps) = L`` on the grid ``τ ∈ {0, 1/2^L, …}``.  Like the code
+we clip the half-step point and the averaged target to ``[−clip, clip]``; unlike it we drop
+labels on every row (the code keeps the labels of bootstrap rows), so the unconditional model
+learns all step sizes too, and we drop its ``σ_min = 1e−5`` on the path.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+
+from ..paths import conditional_velocity, expand, interpolate
+from . import no_solver
+from .fm import condition_labels
+
+N_COND = 2  # the network sees t and the step size
+VARIANTS = ("shortcut",)
+EVAL_STEPS = 1
+
+
+@dataclass(frozen=True)
+class ShortcutConfig:
+    """Hyper-parameters of the shortcut objective (values per scale live in ``presets``)."""
+
+    max_steps: int = 128  # the finest sampler: d = 1/max_steps carries the flow-matching rows
+    bootstrap_every: int = 8  # 1/8 of each batch bootstraps (the official code; the paper says 1/4)
+    clip: float | None = 4.0  # bound on the half-step point and the bootstrap target (None: no clip)
+    ema_target: bool = True  # bootstrap with the EMA network (the code's bootstrap_ema = 1)
+    label_dropout: float = 0.0
+
+    def __post_init__(self):
+        if not (isinstance(self.max_steps, int) and self.max_steps >= 2
+                and self.max_steps & (self.max_steps - 1) == 0):
+            raise ValueError(f"max_steps must be a power of two ≥ 2, got {self.max_steps!r}")
+        if not (isinstance(self.bootstrap_every, int) and self.bootstrap_every >= 1):
+            raise ValueError(f"bootstrap_every must be a positive integer, got {self.bootstrap_every!r}")
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(f"clip must be positive or None, got {self.clip!r}")
+
+    @property
+    def levels(self) -> int:
+        """``L = log2(max_steps)``: step sizes run from ``2^0`` down to ``2^−L``."""
+        return int(math.log2(self.max_steps))
+
+
+def level_of_steps(cfg: ShortcutConfig, steps: int) -> int:
+    """``k = log2(steps)`` for a sampler with ``steps`` equal jumps; ValueError unless steps is a
+    power of two ≤ ``max_steps``."""
+    accepted = [2**k for k in range(cfg.levels + 1)]
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps not in accepted:
+        raise ValueError(f"a shortcut model samples with a power-of-two number of steps up to "
+                         f"{cfg.max_steps}; got {steps!r}; accepted: {', '.join(map(str, accepted))}")
+    return accepted.index(steps)
+
+
+def shortcut(bk, model, cfg: ShortcutConfig, z, t, level, y=None):
+    """``s_θ(z, t, d = 2^−level)``: the average velocity of the step from ``t`` to ``t − d``.
+    ``t`` and ``level`` are scalars or one per row."""
+    xp, n = bk.xp, z.shape[0]
+    t = xp.broadcast_to(xp.asarray(t, dtype=z.dtype), (n,))
+    k = xp.broadcast_to(xp.asarray(level, dtype=z.dtype), (n,))
+    return model(z, xp.stack([t, k / cfg.levels], axis=1), y)
+
+
+def _clip(bk, cfg: ShortcutConfig, x):
+    return x if cfg.clip is None else bk.xp.clip(x, -cfg.clip, cfg.clip)
+
+
+def bootstrap_target(bk, net, cfg: ShortcutConfig, z, t, level, y=None):
+    """The self-consistency target of a step of size ``d = 2^−level``: the mean of two half steps
+    of size ``d/2`` taken with ``net`` (no stop-gradient here; the loss applies it)."""
+    half = 2.0 ** -(level + 1)
+    s1 = shortcut(bk, net, cfg, z, t, level + 1, y)
+    z_mid = _clip(bk, cfg, z - expand(half, z) * s1)
+    s2 = shortcut(bk, net, cfg, z_mid, t - half, level + 1, y)
+    return _clip(bk, cfg, 0.5 * (s1 + s2))
+
+
+def draw_levels(cfg: ShortcutConfig, n: int) -> np.ndarray:
+    """The level of every row: the first ``n // bootstrap_every`` rows cycle through the bootstrap
+    levels ``0 … L − 1`` (equal shares, as in the code), the rest sit at the flow-matching level L."""
+    n_boot = n // cfg.bootstrap_every
+    levels = np.full(n, cfg.levels)
+    levels[:n_boot] = np.arange(n_boot) % cfg.levels
+    return levels
+
+
+def draw(bk, key, batch: dict, cfg: ShortcutConfig) -> dict:
+    """The random part of one loss evaluation: noise, times on each row's grid, label-dropout mask.
+    ``level`` is fixed by the row's position (``draw_levels``); ``t = (j + 1)·2^−k``, j uniform."""
+    x0 = batch["x"]
+    n = x0.shape[0]
+    k_t, k_x, k_y = bk.split(key, 3)
+    level = bk.from_numpy(draw_levels(cfg, n).astype(np.float64))
+    cells = 2.0**level
+    draws = {"level": level, "t": (bk.xp.floor(bk.uniform(k_t, (n,)) * cells) + 1) / cells,
+             "x1": bk.normal(k_x, tuple(x0.shape))}
+    if batch.get("y") is not None:
+        draws["drop"] = bk.uniform(k_y, (n,)) < cfg.label_dropout
+    return draws
+
+
+def targets(bk, cfg: ShortcutConfig, net, batch: dict, draws: dict):
+    """``(z_t, y, target)``: bootstrap targets from ``net`` (under stop-gradient) on the first
+    ``n // bootstrap_every`` rows, ``x1 − x0`` on the rest."""
+    x0, x1, t, level = batch["x"], draws["x1"], draws["t"], draws["level"]
+    y = condition_labels(bk, net, batch.get("y"), draws.get("drop"))
+    z = interpolate(x0, x1, t)
+    target = conditional_velocity(x0, x1)
+    n_boot = x0.shape[0] // cfg.bootstrap_every
+    if n_boot:
+        boot = bootstrap_target(bk, net, cfg, z[:n_boot], t[:n_boot], level[:n_boot],
+                                None if y is None else y[:n_boot])
+        target = bk.xp.concatenate([bk.stop_gradient(boot), target[n_boot:]], axis=0)
+    return z, y, target
+
+
+def loss_from_draws(bk, cfg: ShortcutConfig, model, ema, batch: dict, draws: dict):
+    """Mean squared error of ``s_θ(z_t, t, d)`` to the targets (mean over rows and dimensions)."""
+    z, y, target = targets(bk, cfg, ema if cfg.ema_target else model, batch, draws)
+    err = shortcut(bk, model, cfg, z, draws["t"], draws["level"], y) - target
+    n_boot = z.shape[0] // cfg.bootstrap_every
+    sq = bk.xp.mean((err**2).reshape((z.shape[0], -1)), axis=1)
+    loss = bk.xp.mean(sq)
+    return loss, {"fm_mse": bk.xp.mean(sq[n_boot:]),
+                  "bootstrap_mse": bk.xp.mean(sq[:n_boot]) if n_boot else loss * 0}
+
+
+def make_loss(bk, cfg: ShortcutConfig, teacher=None):
+    """The training loss ``(model, ema, batch, key, step) -> (loss, aux)``."""
+    if teacher is not None:
+        raise ValueError("shortcut models learn from data and their own shorter jumps; they take no teacher")
+
+    def loss_fn(model, ema, batch, key, step):
+        return loss_from_draws(bk, cfg, model, ema, batch, draw(bk, key, batch, cfg))
+    return loss_fn
+
+
+def ema_decay(cfg: ShortcutConfig, default: float) -> float:
+    """The preset's constant decay: the same EMA gives the bootstrap targets and the samples."""
+    return default
+
+
+@cache
+def _jump(bk, cfg: ShortcutConfig):
+    """One compiled jump ``z ↦ z − 2^−level·s_θ(z, t, 2^−level)`` for every level (level is an input)."""
+    def jump(model, z, t, level, y):
+        d = 2.0 ** -bk.xp.broadcast_to(level, (z.shape[0],))
+        return z - expand(d, z) * shortcut(bk, model, cfg, z, t, level, y)
+    return bk.inference(jump)
+
+
+def sample(bk, model, cfg: ShortcutConfig, x1, steps: int, y=None, solver: str | None = None, seed: int = 0,
+           trajectory: bool = False):
+    """``steps`` equal jumps from t = 1 to 0, each ``z ↦ z − d·s_θ(z, t, d)`` with ``d = 1/steps``;
+    ``steps`` is a power of two ≤ ``max_steps``.  Deterministic, so ``seed`` is unused.  With
+    ``trajectory=True`` a numpy array ``(steps + 1, n, ...)`` of every point visited."""
+    no_solver("shortcut", solver)
+    level = bk.from_numpy(np.asarray(float(level_of_steps(cfg, steps))))
+    jump = _jump(bk, cfg)
+    z, path = x1, [bk.to_numpy(x1)]
+    for i in range(steps):
+        z = jump(model, z, bk.from_numpy(np.asarray(1.0 - i / steps)), level, y)
+        if trajectory:
+            path.append(bk.to_numpy(z))
+    return np.stack(path) if trajectory else z

@@ -1,0 +1,260 @@
+"""Consistency models: the boundary by construction, the targets at their limits, the sCM tangent
+against finite differences, float64 backend parity of every variant's loss, convergence, bad input."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from parity import assert_same_loss_and_grads, make_pair
+
+from onestep import get_backend, metrics
+from onestep.analytic import eight_gaussians
+from onestep.backends.base import MLPConfig
+from onestep.conventions import sigma_from_t, t_from_sigma, t_from_tau, tau_from_t, trigflow_scale
+from onestep.evaluation import reference
+from onestep.methods import cm
+from onestep.presets import run_preset
+from onestep.sample import sample_run
+from onestep.teachers import oracle_teacher
+from onestep.train import fit, run_keys
+
+NET = MLPConfig(data_dim=2, n_cond=cm.N_COND, width=32, depth=2, emb_dim=16, n_classes=3)
+SIGMA_D = 2.0
+
+
+def config(variant: str, **changes) -> cm.CMConfig:
+    """The smoke preset of a variant (so the presets are exercised too), with changes."""
+    return replace(run_preset("cm", "8gaussians", "smoke", variant=variant).method_cfg, **changes)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return make_pair(NET)
+
+
+def points(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 2)) * SIGMA_D, rng.normal(size=(n, 2)), rng.integers(0, NET.n_classes + 1, n)
+
+
+def f_np(bk, model, cfg, z, t, y=None):
+    t = np.broadcast_to(np.asarray(t, dtype=float), (len(z),))
+    return bk.to_numpy(cm.consistency(bk, model, cfg, bk.from_numpy(z), bk.from_numpy(t),
+                                      None if y is None else bk.from_numpy(y)))
+
+
+@pytest.mark.parametrize("variant", ["ict", "sct"])
+@pytest.mark.parametrize("name", ["torch", "jax"])
+def test_boundary_holds_for_an_untrained_network(variant, name):
+    bk = get_backend(name, precision="float64")
+    cfg = config(variant)
+    model = bk.make_model(NET, bk.key(3))
+    z, _, y = points()
+    c_skip, c_out, _ = cm.coefficients(np, cfg, np.array([cfg.t_min]))
+    assert c_skip[0] == pytest.approx(1.0, abs=1e-15) and c_out[0] == pytest.approx(0.0, abs=1e-15)
+    assert np.max(np.abs(f_np(bk, model, cfg, z, cfg.t_min, y) - z)) < 1e-13
+    # away from the boundary the network matters: the identity is not trivially true everywhere
+    assert np.max(np.abs(f_np(bk, model, cfg, z, 0.5, y) - z)) > 1e-2
+
+
+def test_edm_form_in_our_time_is_the_sigma_form_rescaled(pair):
+    """``f_t(z, t) = (1 − ε)·f_σ(z/(1 − t), σ(t))`` with the EDM/CM weights written on σ."""
+    bk, model = pair[0], pair[1]
+    cfg = config("ict", sigma_data=SIGMA_D)
+    z, _, _ = points()
+    sd, s_min = cfg.sigma_data, cfg.sigma_min
+    for t in (0.01, 0.3, 0.9, cfg.t_max):
+        sigma = sigma_from_t(t)
+        x = z / (1 - t)
+        c_skip = sd**2 / ((sigma - s_min) ** 2 + sd**2)
+        c_out = sd * (sigma - s_min) / np.sqrt(sigma**2 + sd**2)
+        c_in = 1 / np.sqrt(sigma**2 + sd**2)
+        network = bk.to_numpy(model(bk.from_numpy(c_in * x), bk.from_numpy(np.full((len(z), 1), t)), None))
+        f_sigma = c_skip * x + c_out * network
+        assert np.max(np.abs(f_np(bk, model, cfg, z, t) - (1 - cfg.t_min) * f_sigma)) < 1e-12
+
+
+def test_trig_form_in_our_time_is_trigflow(pair):
+    """``f_t(z, t) = cos τ·x_τ − σ_d sin τ·F(x_τ/σ_d, τ)`` with ``x_τ = a(τ)·z`` (sCM's form)."""
+    bk, model = pair[0], pair[1]
+    cfg = config("sct", sigma_data=SIGMA_D)
+    z, _, _ = points()
+    for t in (0.05, 0.5, 0.95, 1.0):
+        tau = tau_from_t(np, t, SIGMA_D)
+        x_tau = trigflow_scale(np, tau, SIGMA_D) * z
+        F = bk.to_numpy(cm.trig_network(bk, model, cfg, None)(bk.from_numpy(x_tau / SIGMA_D),
+                                                            bk.from_numpy(np.full(len(z), tau))))
+        expected = np.cos(tau) * x_tau - SIGMA_D * np.sin(tau) * F
+        assert np.max(np.abs(f_np(bk, model, cfg, z, t) - expected)) < 1e-12
+    assert t_from_tau(np, tau_from_t(np, 0.37, SIGMA_D), SIGMA_D) == pytest.approx(0.37, abs=1e-15)
+
+
+def _discrete_draws(bk, n, s_lo, s_hi, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"noise": bk.from_numpy(rng.normal(size=(n, 2))), "sigma_lo": bk.from_numpy(np.full(n, s_lo)),
+            "sigma_hi": bk.from_numpy(np.full(n, s_hi))}
+
+
+def test_targets_at_their_limits(pair):
+    bk, model = pair[0], pair[1]
+    x0, _, _ = points(32)
+    batch = {"x": bk.from_numpy(x0)}
+    cfg = config("ct", sigma_data=SIGMA_D, target="online", distance="l2", weighting="uniform")
+    # the lower end is the boundary: the target is the cleaner point itself
+    s_hi = 0.5
+    draws = _discrete_draws(bk, 32, cfg.sigma_min, s_hi)
+    noise = bk.to_numpy(draws["noise"])
+    loss, _ = cm.discrete_loss(bk, cfg, None, model, model, batch, draws)
+    z_lo = (1 - cfg.t_min) * x0 + cfg.t_min * noise
+    t_hi = t_from_sigma(s_hi)
+    expected = np.mean(np.sum((f_np(bk, model, cfg, (1 - t_hi) * x0 + t_hi * noise, t_hi) - z_lo) ** 2, 1) / 2)
+    assert float(loss) == pytest.approx(expected, rel=1e-12)
+    # a zero-width interval with the online target: nothing to learn
+    loss, _ = cm.discrete_loss(bk, cfg, None, model, model, batch, _discrete_draws(bk, 32, 0.7, 0.7))
+    assert abs(float(loss)) < 1e-24
+
+
+def test_teacher_heun_step_is_third_order():
+    """One Heun step of the exact field from t to s misses the exact flow map by O(h³)."""
+    oracle = eight_gaussians()
+    bk = get_backend("torch", precision="float64")
+    teacher = oracle_teacher(bk, "8gaussians")
+    z = oracle.sample(64, 0) * 0.6 + 0.8 * np.random.default_rng(1).normal(size=(64, 2))
+    errors = []
+    for h in (0.04, 0.02, 0.01):
+        t, s = np.full(64, 0.6), np.full(64, 0.6 - h)
+        step = bk.to_numpy(cm.teacher_heun_step(teacher, bk.from_numpy(z), bk.from_numpy(t), bk.from_numpy(s), None))
+        errors.append(np.max(np.abs(step - oracle.flow_map(z, t, s))))
+    orders = np.log2(np.array(errors[:-1]) / np.array(errors[1:]))
+    assert np.all(orders > 2.7), orders
+
+
+def test_scm_tangent_is_cos_tau_times_the_total_derivative(pair):
+    """``g = cos τ·df⁻/dτ`` along the exact ODE: a central difference converges to it like h²."""
+    bk, model = pair[0], pair[1]
+    cfg = config("scd", sigma_data=SIGMA_D)
+    oracle = eight_gaussians()
+    rng = np.random.default_rng(0)
+    tau = rng.uniform(0.2, 1.3, 8)
+    t = t_from_tau(np, tau, SIGMA_D)
+    z = (1 - t)[:, None] * oracle.sample(8, 1) + t[:, None] * rng.normal(size=(8, 2))
+    x_tau = trigflow_scale(np, tau, SIGMA_D)[:, None] * z
+    X, T = bk.from_numpy(x_tau), bk.from_numpy(tau)
+    dx = cm.trig_velocity(bk, cfg, oracle_teacher(bk, "8gaussians"), X, T, None)
+    _, g = cm.trig_tangent(bk, cfg, model, X, dx, T, None, 1.0)
+    g = bk.to_numpy(g)
+
+    def f_along(h):
+        t_h = t_from_tau(np, tau + h, SIGMA_D)
+        return f_np(bk, model, cfg, oracle.flow_map(z, t, t_h), t_h)
+
+    errors = [np.max(np.abs(g - np.cos(tau)[:, None] * (f_along(h) - f_along(-h)) / (2 * h))) for h in (1e-3, 1e-4)]
+    assert errors[1] < 1e-4 * np.abs(g).max() + 1e-9
+    assert errors[0] / errors[1] > 50  # second order: ×100 per decade of h
+
+
+def _draws_for(bk, cfg, n, seed=0):
+    rng = np.random.default_rng(seed)
+    draws = {"noise": bk.from_numpy(rng.normal(size=(n, 2))), "drop": bk.from_numpy(rng.uniform(size=n) < 0.3)}
+    if cfg.parameterisation == "trig":
+        draws["tau"] = bk.from_numpy(rng.uniform(0.05, 1.5, n))
+    else:
+        lo = rng.uniform(0.01, 20.0, n)
+        draws["sigma_lo"], draws["sigma_hi"] = bk.from_numpy(lo), bk.from_numpy(lo * rng.uniform(1.05, 1.5, n))
+    return draws
+
+
+@pytest.mark.parametrize("variant", cm.VARIANTS)
+def test_loss_and_gradient_parity(pair, variant):
+    cfg = config(variant, sigma_data=SIGMA_D, total_steps=100, label_dropout=0.3)
+    x0, _, y = points(12, seed=5)
+    y = y % NET.n_classes
+    ema_params = {k: v * 0.9 for k, v in pair[0].get_params(pair[1]).items()}  # a distinct target network
+
+    def loss(bk, model):
+        ema = bk.set_params(bk.make_model(NET, bk.key(0)), ema_params)
+        teacher = oracle_teacher(bk, "8gaussians") if cfg.needs_teacher else None
+        batch = {"x": bk.from_numpy(x0), "y": bk.from_numpy(y)}
+        return cm.loss_from_draws(bk, cfg, teacher, model, ema, batch, _draws_for(bk, cfg, 12), 4)
+
+    value = assert_same_loss_and_grads(pair, loss)
+    assert np.isfinite(value) and value > 0
+
+
+def test_draws_follow_the_curriculum():
+    bk = get_backend("torch", precision="float64")
+    cfg = config("ict", sigma_data=SIGMA_D, total_steps=400, n_start=10, n_end=80)
+    grids = cm.curriculum_tables(bk, cfg)
+    for step, n_levels in ((0, 11), (399, 81)):
+        grid = cm.karras_sigmas(n_levels, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+        lo, hi = cm.draw_intervals(bk, grids, bk.key(step), 4000, step)
+        lo, hi = bk.to_numpy(lo), bk.to_numpy(hi)
+        index = np.searchsorted(grid, lo)
+        assert np.allclose(grid[index], lo, rtol=1e-12) and np.allclose(grid[index + 1], hi, rtol=1e-12)
+        p = cm.index_probabilities(cfg, grid)
+        counts = np.bincount(index, minlength=len(p)) / 4000
+        assert np.abs(counts - p).max() < 4 * np.sqrt(p.max() / 4000) + 1e-3
+
+
+def test_curricula_grow_and_ct_ema_rises():
+    ct = config("ct", total_steps=1000)
+    n = cm.n_schedule(ct)
+    assert n[0] == ct.n_start and n[-1] <= ct.n_end + 1 and n[-1] >= ct.n_end - 1 and np.all(np.diff(n) >= 0)
+    mu = cm.ema_decay(ct, 0.999)
+    decays = [mu(k) for k in (0, 500, 999)]
+    assert decays[0] == pytest.approx(ct.mu0 ** (ct.n_start / n[0])) and decays[0] < decays[1] < decays[2] < 1
+    ict = config("ict", total_steps=1000, n_start=10, n_end=80)
+    assert sorted(set(cm.n_schedule(ict))) == [11, 21, 41, 81]
+    assert cm.ema_decay(ict, 0.99) == 0.99  # no EMA target: the EMA is only for evaluation
+
+
+def test_multistep_sampling_uses_the_schedule_and_the_seed(pair):
+    bk, model = pair[0], pair[1]
+    cfg = config("ict", sigma_data=SIGMA_D)
+    x1 = bk.from_numpy(np.random.default_rng(0).normal(size=(8, 2)))
+    one = bk.to_numpy(cm.sample(bk, model, cfg, x1, 1))
+    assert np.allclose(one, f_np(bk, model, cfg, cfg.t_max * bk.to_numpy(x1), cfg.t_max), atol=1e-12)
+    a, b, c = (bk.to_numpy(cm.sample(bk, model, cfg, x1, 3, seed=s)) for s in (0, 0, 1))
+    assert np.array_equal(a, b) and not np.allclose(a, c)
+    times = cm.sampling_times(cfg, 3)
+    assert times[0] == pytest.approx(cfg.t_max) and np.all(np.diff(times) < 0) and times[-1] > cfg.t_min
+
+
+@pytest.mark.parametrize("name, variant", [("torch", "cd"), ("jax", "sct")])
+def test_converges_at_smoke_scale(name, variant):
+    """One-step samples of a trained model beat an untrained one by a wide margin (W2 to fresh data, n = 1000)."""
+    bk = get_backend(name)
+    preset = run_preset("cm", "8gaussians", "smoke", variant=variant)
+    teacher = oracle_teacher(bk, "8gaussians") if preset.method_cfg.needs_teacher else None
+    state, _, _ = fit(bk, preset, seed=0, teacher=teacher)
+    noise = np.random.default_rng(1).normal(size=(1000, 2))
+    ref = reference("8gaussians", 1000)
+
+    def w2_of(model):
+        return metrics.w2(sample_run(bk, model, preset, 1000, seed=1, steps=1, noise=noise)[0], ref)
+
+    trained, untrained = w2_of(state.ema), w2_of(bk.make_model(preset.model, run_keys(bk, 0)[0]))
+    print(f"{name} {variant}: one-step W2 trained {trained:.3f}, untrained {untrained:.3f}")
+    assert trained < 0.6 * untrained, (trained, untrained)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match=r"unknown variant 'xyz'.*ict, ct, cd, sct, scd"):
+        cm.CMConfig(variant="xyz")
+    with pytest.raises(ValueError, match=r"must not shrink: n_end = 5 < n_start = 10"):
+        cm.CMConfig(n_start=10, n_end=5)
+    with pytest.raises(ValueError, match=r"unknown variant 'cdx' of method 'cm'"):
+        run_preset("cm", "8gaussians", "smoke", variant="cdx")
+    bk = get_backend("torch")
+    with pytest.raises(ValueError, match=r"needs a teacher.*--teacher exact.*--teacher RUN_DIR"):
+        cm.make_loss(bk, config("cd"))
+    with pytest.raises(ValueError, match=r"trains without a teacher"):
+        cm.make_loss(bk, config("sct"), teacher=oracle_teacher(bk, "8gaussians"))
+    model = bk.make_model(NET, bk.key(0))
+    with pytest.raises(ValueError, match=r"samples by jumps.*'heun'"):
+        cm.sample(bk, model, config("ict"), bk.from_numpy(np.zeros((2, 2))), 1, solver="heun")
+    with pytest.raises(ValueError, match=r"positive integer, got 0"):
+        cm.sampling_times(config("ict"), 0)
+    with pytest.raises(ValueError, match=r"'checkerboard' has no exact velocity"):
+        oracle_teacher(bk, "checkerboard")
