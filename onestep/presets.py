@@ -247,9 +247,13 @@ def consistency_chapter(scale: str) -> ConsistencyChapter:
         # one run per code path (network teacher, discrete, continuous): each run costs a JAX compilation
         return ConsistencyChapter(**common, compare=("cd_fm", "ict", "sct"), n_eval=500, n_map=300,
                                   grid_sizes=(1, 2, 4, 8, 16, 32), n_paths=100)
+    variant = "sct"  # the teacher-free variant on class-conditional images
     if scale == "book":
-        return ConsistencyChapter(**common)
-    sets, variant = ("digits", "mnist"), "sct"
+        # sCD's tangent is checked above; its run is left to full scale to make room for the digits
+        runs["digits"] = run("cm", variant, "digits", conditional=True)
+        return ConsistencyChapter(**common, compare=("cd", "cd_fm", "ct", "ict", "sct"), image_sets=("digits",),
+                                  image_variant=variant)
+    sets = ("digits", "mnist")
     runs.update({name: run("cm", variant, name, conditional=True) for name in sets})
     return ConsistencyChapter(**common, n_eval=10_000, n_map=10_000, n_images=10_000, image_sets=sets,
                               image_variant=variant)

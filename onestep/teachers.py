@@ -22,10 +22,10 @@ def network_teacher(bk, model):
 def oracle_teacher(bk, dataset: str):
     """The exact velocity of ``dataset`` on backend arrays (the Gaussian-mixture data sets)."""
     exact = oracle(dataset)
-    if not isinstance(exact, GaussianMixture):  # noqa: TRY004 (a bad data-set name, not a bad type)
-        raise ValueError(f"data set {dataset!r} has no exact velocity a backend can evaluate (exact teachers: "
-                         f"8gaussians, clusters-k); use a trained flow-matching run as the teacher instead "
-                         f"(--teacher RUN_DIR)")
+    if not isinstance(exact, GaussianMixture):  # a bad data-set name, so a ValueError
+        raise ValueError(  # noqa: TRY004
+            f"data set {dataset!r} has no exact velocity a backend can evaluate (exact teachers: "
+            f"8gaussians, clusters-k); use a trained flow-matching run as the teacher instead (--teacher RUN_DIR)")
     return exact_teacher(bk, exact)
 
 
