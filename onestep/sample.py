@@ -12,6 +12,7 @@ from itertools import pairwise
 
 import numpy as np
 
+from .paths import expand
 from .times import uniform_grid
 
 SOLVERS = ("euler", "heun")
@@ -47,16 +48,22 @@ def check_solver(solver: str) -> str:
     return solver
 
 
+def ode_step(field, z, t, s, y=None, solver: str = "heun"):
+    """One Euler or Heun step of ``dz/dt = field(z, t, y)`` from ``t`` to ``s`` (scalars or one per row)."""
+    h = expand(s - t, z)
+    d1 = field(z, t, y)
+    if solver == "euler":
+        return z + h * d1
+    d2 = field(z + h * d1, s, y)
+    return z + h * 0.5 * (d1 + d2)
+
+
 @cache
 def _stepper(bk, velocity, solver: str, kw: tuple):
     kwargs = dict(kw)
 
     def step(model, z, t, s, y):
-        d1 = velocity(bk, model, z, t, y, **kwargs)
-        if solver == "euler":
-            return z + (s - t) * d1
-        d2 = velocity(bk, model, z + (s - t) * d1, s, y, **kwargs)
-        return z + (s - t) * 0.5 * (d1 + d2)
+        return ode_step(lambda zz, tt, yy: velocity(bk, model, zz, tt, yy, **kwargs), z, t, s, y, solver)
 
     return bk.inference(step)
 

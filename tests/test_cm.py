@@ -15,7 +15,7 @@ from onestep.conventions import sigma_from_t, t_from_sigma, t_from_tau, tau_from
 from onestep.evaluation import reference
 from onestep.methods import cm
 from onestep.presets import run_preset
-from onestep.sample import sample_run
+from onestep.sample import ode_step, sample_run
 from onestep.teachers import oracle_teacher
 from onestep.train import fit, run_keys
 
@@ -124,7 +124,7 @@ def test_teacher_heun_step_is_third_order():
     errors = []
     for h in (0.04, 0.02, 0.01):
         t, s = np.full(64, 0.6), np.full(64, 0.6 - h)
-        step = bk.to_numpy(cm.teacher_heun_step(teacher, bk.from_numpy(z), bk.from_numpy(t), bk.from_numpy(s), None))
+        step = bk.to_numpy(ode_step(teacher, bk.from_numpy(z), bk.from_numpy(t), bk.from_numpy(s), None, "heun"))
         errors.append(np.max(np.abs(step - oracle.flow_map(z, t, s))))
     orders = np.log2(np.array(errors[:-1]) / np.array(errors[1:]))
     assert np.all(orders > 2.7), orders

@@ -66,6 +66,19 @@ def group_count(channels: int) -> int:
     return max(g for g in range(1, min(8, channels) + 1) if channels % g == 0)
 
 
+def unet_levels(h, emb, down, mid, up):
+    """The U-Net's skip wiring, the same in both backends: each ``down`` level returns
+    ``(skip, h)``, ``mid`` transforms the deepest ``h``, and ``up[i]`` consumes ``down[i]``'s skip."""
+    skips = []
+    for level in down:
+        skip, h = level(h, emb)
+        skips.append(skip)
+    h = mid(h, emb)
+    for level, skip in zip(reversed(up), reversed(skips)):
+        h = level(h, skip, emb)
+    return h
+
+
 ModelConfig = MLPConfig | UNetConfig
 
 

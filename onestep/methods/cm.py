@@ -32,9 +32,10 @@ import numpy as np
 from ..backends.embedding import EMBEDDING_TIME_SCALE
 from ..conventions import EDM_SIGMA_MAX, EDM_SIGMA_MIN, t_from_sigma, t_from_tau, tau_from_t, trigflow_scale
 from ..paths import expand, interpolate
+from ..sample import ode_step
 from ..times import karras_sigmas
 from . import no_solver
-from .fm import condition_labels
+from .fm import condition_labels, label_dropout
 
 VARIANTS = ("ict", "ct", "cd", "sct", "scd")
 N_COND = 1
@@ -224,14 +225,6 @@ def distance(bk, cfg: CMConfig, a, b):
     return xp.sqrt(sq + c**2) - c
 
 
-def teacher_heun_step(teacher, z, t, s, y):
-    """One Heun step of the teacher's ODE from ``t`` to ``s`` (per-row times)."""
-    h = expand(s - t, z)
-    d1 = teacher(z, t, y)
-    d2 = teacher(z + h * d1, s, y)
-    return z + h * 0.5 * (d1 + d2)
-
-
 def draw(bk, cfg: CMConfig, grids, key, batch: dict, step) -> dict:
     """The random part of one loss evaluation: the noise, the label-dropout mask, and the
     interval ``(σ_i, σ_{i+1})`` of the step's grid (discrete) or the TrigFlow time τ (continuous)."""
@@ -245,9 +238,7 @@ def draw(bk, cfg: CMConfig, grids, key, batch: dict, step) -> dict:
         draws["tau"] = bk.xp.arctan(bk.xp.exp(p) / IMAGE_SIGMA_DATA)
     else:
         draws["sigma_lo"], draws["sigma_hi"] = draw_intervals(bk, grids, k_t, n, step)
-    if batch.get("y") is not None:
-        draws["drop"] = bk.uniform(k_y, (n,)) < cfg.label_dropout
-    return draws
+    return {**draws, **label_dropout(bk, k_y, batch, cfg.label_dropout)}
 
 
 def discrete_loss(bk, cfg: CMConfig, teacher, model, ema, batch: dict, draws: dict):
@@ -259,7 +250,7 @@ def discrete_loss(bk, cfg: CMConfig, teacher, model, ema, batch: dict, draws: di
     if teacher is None:
         z_lo = interpolate(x0, noise, t_lo)  # CT: the same noise one grid step cleaner
     else:
-        z_lo = bk.stop_gradient(teacher_heun_step(teacher, z_hi, t_hi, t_lo, y))
+        z_lo = bk.stop_gradient(ode_step(teacher, z_hi, t_hi, t_lo, y, "heun"))  # one teacher Heun step
     target = consistency(bk, ema if cfg.target == "ema" else model, cfg, z_lo, t_lo, y)
     if cfg.target != "unstopped":
         target = bk.stop_gradient(target)

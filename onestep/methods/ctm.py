@@ -46,8 +46,8 @@ from itertools import pairwise
 import numpy as np
 
 from ..paths import conditional_velocity, expand, interpolate
+from ..sample import ode_step
 from . import no_solver
-from .cm import teacher_heun_step
 from .fm import FMConfig, condition_labels
 from .fm import draw as fm_draw
 
@@ -149,7 +149,7 @@ def teacher_solve(teacher, z, t, u, y, steps: int):
     """The teacher's ODE from ``t`` to ``u`` (per row) in ``steps`` equal Heun steps."""
     for i in range(steps):
         a, b = t + (u - t) * (i / steps), t + (u - t) * ((i + 1) / steps)
-        z = teacher_heun_step(teacher, z, a, b, y)
+        z = ode_step(teacher, z, a, b, y, "heun")
     return z
 
 

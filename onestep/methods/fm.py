@@ -32,9 +32,14 @@ def draw(bk, key, batch: dict, cfg: FMConfig) -> dict:
     k_t, k_x, k_y = bk.split(key, 3)
     draws = {"t": sample_times(bk, k_t, x0.shape[0], cfg.time_sampler, cfg.time_mean, cfg.time_std),
              "x1": bk.normal(k_x, tuple(x0.shape))}
-    if batch.get("y") is not None:
-        draws["drop"] = bk.uniform(k_y, (x0.shape[0],)) < cfg.label_dropout
-    return draws
+    return {**draws, **label_dropout(bk, k_y, batch, cfg.label_dropout)}
+
+
+def label_dropout(bk, key, batch: dict, rate: float) -> dict:
+    """``{"drop": mask}`` marking the rows trained without their label (classifier-free guidance);
+    empty for unlabelled data."""
+    y = batch.get("y")
+    return {} if y is None else {"drop": bk.uniform(key, (y.shape[0],)) < rate}
 
 
 def condition_labels(bk, model, y, drop=None):

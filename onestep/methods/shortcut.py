@@ -33,7 +33,7 @@ import numpy as np
 
 from ..paths import conditional_velocity, expand, interpolate
 from . import no_solver
-from .fm import condition_labels
+from .fm import condition_labels, label_dropout
 
 N_COND = 2  # the network sees t and the step size
 VARIANTS = ("shortcut",)
@@ -117,9 +117,7 @@ def draw(bk, key, batch: dict, cfg: ShortcutConfig) -> dict:
     cells = 2.0**level
     draws = {"level": level, "t": (bk.xp.floor(bk.uniform(k_t, (n,)) * cells) + 1) / cells,
              "x1": bk.normal(k_x, tuple(x0.shape))}
-    if batch.get("y") is not None:
-        draws["drop"] = bk.uniform(k_y, (n,)) < cfg.label_dropout
-    return draws
+    return {**draws, **label_dropout(bk, k_y, batch, cfg.label_dropout)}
 
 
 def targets(bk, cfg: ShortcutConfig, net, batch: dict, draws: dict):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..base import UNetConfig, group_count
+from ..base import UNetConfig, group_count, unet_levels
 from ..embedding import embed_conditions, frequencies
 
 
@@ -185,11 +185,5 @@ class UNet(eqx.Module):
                 y = jnp.full((x.shape[0],), self.cfg.n_classes, dtype=jnp.int32)
             emb = emb + self.label_emb.weight[y]
         h = self.conv_in(jnp.transpose(x, (0, 2, 3, 1)))
-        skips = []
-        for level in self.down:
-            skip, h = level(h, emb)
-            skips.append(skip)
-        h = self.mid(h, emb)
-        for level, skip in zip(reversed(self.up), reversed(skips)):
-            h = level(h, skip, emb)
+        h = unet_levels(h, emb, self.down, self.mid, self.up)
         return jnp.transpose(self.conv_out(jax.nn.silu(self.norm_out(h))), (0, 3, 1, 2))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..base import UNetConfig, group_count
+from ..base import UNetConfig, group_count, unet_levels
 from ..embedding import embed_conditions, frequencies
 
 
@@ -92,11 +92,5 @@ class UNet(nn.Module):
                 y = torch.full((x.shape[0],), self.cfg.n_classes, device=x.device, dtype=torch.long)
             emb = emb + self.label_emb(y)
         h = self.conv_in(x)
-        skips = []
-        for level in self.down:
-            skip, h = level(h, emb)
-            skips.append(skip)
-        h = self.mid(h, emb)
-        for level, skip in zip(reversed(self.up), reversed(skips)):
-            h = level(h, skip, emb)
+        h = unet_levels(h, emb, self.down, self.mid, self.up)
         return self.conv_out(F.silu(self.norm_out(h)))
