@@ -18,8 +18,7 @@ for b in torch jax; do
   echo "$b train+eval wall: $((SECONDS - start)) s"
   python3 - "$b" <<'PY'
 import json, os, sys, time
-from onestep.runs import load_run
-from onestep.sample import sample_run
+from onestep.runs import load_run, sample_run
 bk, model, preset, _ = load_run(os.path.join(os.environ["OUT"], f"fm-mnist-{sys.argv[1]}"))
 for n, steps in ((1000, 16), (4000, 16)):
     sample_run(bk, model, preset, n=n, seed=0, steps=1, solver="heun")  # warm-up: compiles for this n

@@ -28,13 +28,14 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_
 import numpy as np
 
 from onestep import get_backend
-from onestep.backends.base import MLPConfig, UNetConfig
+from onestep.backends.architectures import MLPConfig, UNetConfig
+from onestep.methods import cm, fm, make_loss
 from onestep.paths import interpolate
 
 
 def fm_probe(bk):
     """Plain FM regression on a two-time network fed (t, t): the baseline step."""
-    def loss_fn(model, ema, batch, key, step):
+    def loss_fn(model, target, batch, key, step):
         x0 = batch["x"]
         kt, kx = bk.split(key, 2)
         t = bk.uniform(kt, (x0.shape[0],))
@@ -47,7 +48,7 @@ def fm_probe(bk):
 
 def jvp_probe(bk):
     """The same network and batch, with a target built from one JVP in (z, t)."""
-    def loss_fn(model, ema, batch, key, step):
+    def loss_fn(model, target, batch, key, step):
         x0 = batch["x"]
         kt, kr, kx = bk.split(key, 3)
         t = bk.uniform(kt, (x0.shape[0],))
@@ -85,11 +86,10 @@ def step_time(bk, cfg, loss_fn, batch: int, steps: int, repeats: int = 5) -> flo
 
 def method_losses(bk) -> dict:
     """The methods' own training losses (one-time network): FM, iCT (two forward passes) and sCT (a JVP)."""
-    from onestep.methods import cm, fm
     steps = 10**6  # curriculum length: the timed steps sit at its start
-    return {"fm": fm.make_loss(bk, fm.FMConfig()),
-            "ict": cm.make_loss(bk, cm.CMConfig(variant="ict", total_steps=steps)),
-            "sct": cm.make_loss(bk, cm.CMConfig(variant="sct", total_steps=steps, warmup_fraction=0.1))}
+    return {"fm": make_loss(bk, fm.Config(), steps),
+            "ict": make_loss(bk, cm.variant_config("ict"), steps),
+            "sct": make_loss(bk, cm.variant_config("sct", warmup_fraction=0.1), steps)}
 
 
 NETS = {

@@ -15,9 +15,10 @@ import time
 import numpy as np
 
 from .backends import BACKENDS
+from .data import DATASETS
+from .methods import METHODS
+from .ode import SOLVERS
 from .presets import SCALES
-from .runs import CKPT, load_run
-from .sample import SOLVERS, sample_run
 
 
 def positive_int(text: str) -> int:
@@ -41,9 +42,6 @@ def non_negative_int(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .data import DATASETS
-    from .methods import METHODS
-
     p = argparse.ArgumentParser(prog="python -m onestep", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -59,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--conditional", action="store_true", help="class-conditional (labelled data sets)")
     t.add_argument("--steps", type=positive_int, help="override the preset's number of training steps")
     t.add_argument("--batch-size", type=positive_int, help="override the preset's batch size")
-    t.add_argument("--ema-decay", type=float, help="override the preset's EMA decay (e.g. for short runs)")
+    t.add_argument("--ema-decay", type=float, help="override the decay of the EMA the samples come from")
     t.add_argument("--device", default="auto")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -96,42 +94,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-# -- train -----------------------------------------------------------------------------
+# -- train, sample, evaluate ----------------------------------------------------------------
 def _train(args) -> dict:
     from . import get_backend
     from .evaluation import evaluate
-    from .methods import get_method
-    from .presets import run_preset, with_training
-    from .runs import RunDir, provenance
-    from .teachers import load_teacher
-    from .train import fit
+    from .methods import make_loss
+    from .presets import run_preset
+    from .runs import CKPT, RunDir, fit, load_teacher, provenance, sample_run
 
-    preset = run_preset(args.method, args.dataset, args.scale, conditional=args.conditional,
-                        variant=args.variant)
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
                                    ("ema_decay", args.ema_decay)) if v is not None}
-    if overrides:
-        preset = with_training(preset, **overrides)
+    preset = run_preset(args.method, args.dataset, args.scale, conditional=args.conditional, variant=args.variant,
+                        **overrides)
     bk = get_backend(args.backend, device=args.device)
     teacher = load_teacher(bk, args.teacher, preset, args.device)
-    method = get_method(args.method)
-    if args.ema_decay is not None and method.ema_decay(preset.method_cfg, args.ema_decay) != args.ema_decay:
-        raise ValueError(f"--ema-decay {args.ema_decay} cannot apply: the EMA of {args.method} "
-                         f"({preset.variant}) is its target network, with a decay the method sets")
-    method.make_loss(bk, preset.method_cfg, teacher=teacher)  # refuses a missing or unwanted teacher now
+    make_loss(bk, preset.method_cfg, preset.train.steps, teacher)  # refuses a missing or unwanted teacher now
     run = RunDir(args.out, overwrite=args.overwrite, resume=args.resume)
     run.write_json("run.json", {"method": args.method, "variant": preset.variant, "dataset": args.dataset,
                                 "scale": args.scale, "backend": args.backend, "seed": args.seed,
-                                "conditional": args.conditional, "teacher": args.teacher, "preset": preset,
-                                "provenance": provenance(bk)})
+                                "conditional": args.conditional, "teacher": args.teacher,
+                                "train_overrides": overrides, "preset": preset, "provenance": provenance(bk)})
     start = time.perf_counter()
     state, history, _ = fit(bk, preset, seed=args.seed, ckpt_path=run.file(CKPT), resume=args.resume,
                             teacher=teacher)
     seconds = time.perf_counter() - start
-    samples, labels = sample_run(bk, state.ema, preset, n=2000 if preset.n_train else 1000,
-                                 seed=args.seed, steps=method.EVAL_STEPS)
+    samples, labels = sample_run(bk, state.ema, preset, n=preset.eval_n, seed=args.seed, steps=preset.eval_steps)
     metrics = {"train_seconds": seconds, "steps": state.step, "final_loss": history[-1][1],
-               "loss_history": history, "eval": {"steps": method.EVAL_STEPS,
+               "loss_history": history, "eval": {"steps": preset.eval_steps,
                                                  **evaluate(args.dataset, samples, labels)}}
     run.write_json("metrics.json", metrics)
     path = run.commit()
@@ -140,6 +129,9 @@ def _train(args) -> dict:
 
 
 def _sample(args) -> None:
+    from .files import atomic_write
+    from .runs import load_run, sample_run
+
     bk, model, preset, _ = load_run(args.run, args.device)
     noise = None
     if args.noise:
@@ -147,18 +139,17 @@ def _sample(args) -> None:
             raise FileNotFoundError(f"noise file {args.noise} does not exist")
         noise = np.load(args.noise)
     x, _ = sample_run(bk, model, preset, n=args.n or 1000, seed=args.seed, steps=args.steps,
-                     solver=args.solver, noise=noise, label=args.label)
-    from .backends.checkpoint import atomic_write
+                      solver=args.solver, noise=noise, label=args.label)
     atomic_write(args.out, lambda f: np.save(f, x))
     print(f"wrote {x.shape} samples to {args.out}")
 
 
 def _evaluate(args) -> None:
     from .evaluation import evaluate
-    from .methods import get_method
+    from .runs import load_run, sample_run
 
     bk, model, preset, _ = load_run(args.run, args.device)
-    steps = args.steps or get_method(preset.method).EVAL_STEPS
+    steps = args.steps or preset.eval_steps
     x, labels = sample_run(bk, model, preset, n=args.n, seed=args.seed, steps=steps, solver=args.solver)
     print(json.dumps({"run": args.run, "solver": args.solver, "steps": steps,
                       **evaluate(preset.dataset, x, labels)}, indent=2))

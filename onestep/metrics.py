@@ -15,8 +15,8 @@ import warnings
 import numpy as np
 import scipy.linalg
 
-from .backends.checkpoint import atomic_write
 from .data import in_checkerboard, load, package_dir
+from .files import atomic_write
 
 __all__ = [
     "ClassifierFeatures",

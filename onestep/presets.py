@@ -1,22 +1,20 @@
 """Every number a run or a chapter uses, keyed by (method or chapter, data set, scale).
 
-Notebooks and the CLI read their settings from here and never hard-code them.
-Scales: ``smoke`` (seconds, CI), ``book`` (minutes on a laptop CPU; what the rendered
-book shows) and ``full`` (GPU hours).  ``ONESTEP_SCALE`` overrides the scale a
-notebook asks for, so a whole-book build can run at smoke scale.
+Notebooks and the CLI read their settings from here and never hard-code them.  Scales: ``smoke``
+(seconds, CI), ``book`` (minutes on a laptop CPU; what the rendered book shows) and ``full`` (GPU
+hours); what changes with the scale is one :class:`Scale` table each.  A method's ``Config``
+defaults are its paper's values; the presets below list only the deviations, each with its reason.
+``ONESTEP_SCALE`` overrides the scale a notebook asks for, so a whole-book build can run at smoke scale.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
-from functools import cache
 from typing import Any
 
-import numpy as np
-
-from .backends.base import MLPConfig, UNetConfig
+from .backends.architectures import MLPConfig, UNetConfig
 from .data import DATASETS, dataset_info
-from .methods import check_variant, get_method
+from .methods import check_variant, cm, ctm, fm, get_method, shortcut
 from .train import TrainConfig
 
 SCALES = ("smoke", "book", "full")
@@ -31,144 +29,140 @@ def resolve_scale(scale: str) -> str:
 
 
 @dataclass(frozen=True)
+class Scale:
+    """What changes with the scale."""
+
+    mlp_2d: tuple[int, int]  # (width, depth) of the MLP for 2-D sets
+    mlp_digits: tuple[int, int] | None  # 8×8 digits as flat pixels on a CPU; None: the U-Net
+    unet_base: int | None  # U-Net base width for every image set (None: the set's own, below)
+    train_2d: TrainConfig
+    train_images: TrainConfig
+    n_train_2d: int  # size of the sampled training set of a 2-D data set
+    n_eval: int  # samples scored by W2 / MMD, and noise points of the flow-map error
+    n_map: int
+    n_images: int  # generated images per Fréchet distance
+    ict_n_end: int  # iCT's last grid size: fewer doublings in shorter runs (the paper: 1280 over 400k steps)
+    target_ema: float  # an EMA that is a target network must be short against the run (CTM: 0.999)
+    longer_runs: dict = field(default_factory=dict)  # data set -> training steps, where the default is short
+
+
+# The EMA's half-life must be short against the run: after n steps the initial weights still carry
+# decay**n of the average (0.999 over 2000 steps left 14% and ruined samples).
+SCALE_TABLE = {
+    "smoke": Scale(mlp_2d=(64, 2), mlp_digits=(128, 2), unet_base=16,
+                   train_2d=TrainConfig(steps=400, batch_size=256, lr=3e-3, ema_decay=0.99, log_every=50),
+                   train_images=TrainConfig(steps=400, batch_size=256, lr=3e-3, ema_decay=0.99, log_every=50),
+                   n_train_2d=20_000, n_eval=500, n_map=300, n_images=300, ict_n_end=80, target_ema=0.99),
+    "book": Scale(mlp_2d=(128, 3), mlp_digits=(256, 3), unet_base=None,
+                  train_2d=TrainConfig(steps=3000, batch_size=512, lr=2e-3, ema_decay=0.998, log_every=250),
+                  train_images=TrainConfig(steps=2000, batch_size=256, lr=2e-3, ema_decay=0.995, log_every=250),
+                  n_train_2d=100_000, n_eval=2000, n_map=2000, n_images=1000, ict_n_end=320, target_ema=0.995),
+    "full": Scale(mlp_2d=(512, 4), mlp_digits=None, unet_base=None,
+                  train_2d=TrainConfig(steps=20_000, batch_size=4096, lr=1e-3, ema_decay=0.9995, log_every=500,
+                                       ckpt_every=5000),
+                  train_images=TrainConfig(steps=60_000, batch_size=128, lr=2e-4, ema_decay=0.9999, grad_clip=1.0,
+                                           log_every=1000, ckpt_every=10_000),
+                  n_train_2d=1_000_000, n_eval=10_000, n_map=10_000, n_images=10_000, ict_n_end=1280,
+                  target_ema=0.999, longer_runs={"cifar10": 200_000}),
+}
+UNET = {"digits": (64, (1, 2)), "mnist": (64, (1, 2, 2)), "cifar10": (128, (1, 2, 2, 2))}  # base, mults
+EVAL_STEPS = {"fm": 32}  # sampler steps the CLI evaluates a run with; one step for every other method
+LABEL_DROPOUT = 0.1  # class-conditional runs train 10% of rows unconditionally (classifier-free guidance)
+
+
+@dataclass(frozen=True)
 class RunPreset:
-    """Everything needed to train one method on one data set."""
+    """Everything needed to train one method on one data set and evaluate it."""
 
     method: str
     dataset: str
     model: Any  # MLPConfig | UNetConfig
     train: TrainConfig
-    method_cfg: Any
+    method_cfg: Any  # the method's Config
     n_train: int | None = None  # size of the sampled training set for synthetic data
     variant: str = ""  # the method's variant (e.g. cm: ict, ct, cd, sct, scd)
+    eval_steps: int = 1  # sampler steps of the CLI's evaluation
+    eval_n: int = 2000  # samples of the CLI's evaluation
 
 
-# -- networks, by kind of data and scale --------------------------------------------
-def _model(dataset: str, scale: str, n_cond: int, conditional: bool):
+def _is_2d(dataset: str) -> bool:
+    return len(dataset_info(dataset).shape) == 1
+
+
+def _model(dataset: str, scale: Scale, n_cond: int, conditional: bool):
     info = dataset_info(dataset)
     n_classes = info.n_classes if conditional else 0
-    if len(info.shape) == 1:
-        width, depth = {"smoke": (64, 2), "book": (128, 3), "full": (512, 4)}[scale]
+    if _is_2d(dataset):
+        width, depth = scale.mlp_2d
         return MLPConfig(data_dim=info.shape[0], n_cond=n_cond, width=width, depth=depth, emb_dim=32,
                          n_classes=n_classes)
     channels, size, _ = info.shape
-    if dataset == "digits" and scale != "full":
-        # 8x8 digits are small enough for an MLP on flat pixels, far cheaper on a CPU.
-        width, depth = {"smoke": (128, 2), "book": (256, 3)}[scale]
+    if dataset == "digits" and scale.mlp_digits:
+        width, depth = scale.mlp_digits
         return MLPConfig(data_dim=channels * size * size, n_cond=n_cond, width=width, depth=depth,
                          n_classes=n_classes)
-    base, mults = {"digits": (64, (1, 2)), "mnist": (64, (1, 2, 2)), "cifar10": (128, (1, 2, 2, 2))}[dataset]
-    if scale == "smoke":
-        base = 16
-    return UNetConfig(channels=channels, size=size, n_cond=n_cond, base=base, mults=mults,
+    base, mults = UNET[dataset]
+    return UNetConfig(channels=channels, size=size, n_cond=n_cond, base=scale.unet_base or base, mults=mults,
                       n_classes=n_classes)
 
 
-def _train(dataset: str, scale: str) -> TrainConfig:
-    # The EMA's half-life must be short against the run: after n steps the initial weights
-    # still carry decay**n of the average (0.999 over 2000 steps left 14% and ruined samples).
-    synthetic = len(dataset_info(dataset).shape) == 1
-    if scale == "smoke":
-        return TrainConfig(steps=400, batch_size=256, lr=3e-3, ema_decay=0.99, log_every=50)
-    if scale == "book":
-        if synthetic:
-            return TrainConfig(steps=3000, batch_size=512, lr=2e-3, ema_decay=0.998, log_every=250)
-        return TrainConfig(steps=2000, batch_size=256, lr=2e-3, ema_decay=0.995, log_every=250)
-    if synthetic:
-        return TrainConfig(steps=20000, batch_size=4096, lr=1e-3, ema_decay=0.9995, log_every=500,
-                           ckpt_every=5000)
-    return TrainConfig(steps=200_000 if dataset == "cifar10" else 60_000, batch_size=128, lr=2e-4,
-                       ema_decay=0.9999, grad_clip=1.0, log_every=1000, ckpt_every=10_000)
-
-
-@cache
-def sigma_data(dataset: str) -> float:
-    """The data's root-mean-square value per coordinate (EDM's σ_d), from 2000 training samples."""
-    from .data import load
-    x = load(dataset, n=2000, seed=0, split="train").x
-    return round(float(np.sqrt(np.mean(x.astype(np.float64) ** 2))), 2)
-
-
-def _cm_cfg(variant: str, dataset: str, scale: str, train: TrainConfig, label_dropout: float):
-    from .methods.cm import CMConfig
-    common = {"variant": variant, "sigma_data": sigma_data(dataset), "total_steps": train.steps,
-              "label_dropout": label_dropout}
-    if variant == "cd":  # CM paper: fixed N = 18, EMA target at μ = 0.95, squared error
-        return CMConfig(**common, curriculum="fixed", n_start=18, n_end=18, target="ema", mu0=0.95,
-                        distance="l2", weighting="uniform", index_sampling="uniform")
-    if variant == "ct":  # CM paper: N(k) from 2 to 150 and μ(k) from μ0 = 0.9
-        return CMConfig(**common, curriculum="adaptive", n_start=2, n_end=150, mu0=0.9, target="ema",
-                        distance="l2", weighting="uniform", index_sampling="uniform")
-    if variant == "ict":  # iCT: N doubling 10 → 1280 (fewer doublings in short runs)
-        n_end = {"smoke": 80, "book": 320, "full": 1280}[scale]
-        return CMConfig(**common, curriculum="doubling", n_start=10, n_end=n_end, target="online",
-                        distance="pseudo_huber", weighting="inv_dsigma", index_sampling="lognormal",
-                        p_mean=-1.1, p_std=2.0)
-    # sCT / sCD: TrigFlow time from tan τ = e^P/0.5, P ~ N(−1.0, 1.4²); tangent warmup over 10% of the run
-    return CMConfig(**common, p_mean=-1.0, p_std=1.4, tangent_norm=0.1, warmup_fraction=0.1)
-
-
-def _shortcut_cfg(dataset: str, label_dropout: float):
-    """128 finest steps as in the official code, with two changes for short runs.  The paper's 1/4 of
-    each batch bootstraps (the code: 1/8), so a batch of 512 gives every one of the 7 bootstrap levels
-    ~18 rows, not ~9.  The bootstrap targets come from the online network under stop-gradient, not the
-    EMA: each level learns from the one below, so an EMA target delays the coarsest level by about
-    7 EMA time constants (7 × 500 steps at decay 0.998, longer than a book run).  The code's ±4 clip is
-    for unit-scale data (images in [−1, 1], latents); we widen it to 4·σ_d on wider data (8gaussians)."""
-    from .methods.shortcut import ShortcutConfig
-    return ShortcutConfig(max_steps=128, bootstrap_every=4, clip=4.0 * max(1.0, sigma_data(dataset)),
-                          ema_target=False, label_dropout=label_dropout)
-
-
-def _ctm_cfg(dataset: str, scale: str, label_dropout: float):
-    """CTM distillation: the teacher runs 4 Heun steps from t to u; EMA 0.999 at full scale (the
-    paper's), shorter in shorter runs because the EMA is also the target network (see ``_train``)."""
-    from .methods.ctm import CTMConfig
-    ema = {"smoke": 0.99, "book": 0.995, "full": 0.999}[scale]
-    return CTMConfig(sigma_data=sigma_data(dataset), teacher_steps=4, max_span=1.0, dsm_balance="adaptive",
-                     ema=ema, gamma=0.0, label_dropout=label_dropout)
-
-
-def _method_cfg(method: str, variant: str, dataset: str, scale: str, train: TrainConfig, conditional: bool):
-    label_dropout = 0.1 if conditional else 0.0
+def _method_cfg(method: str, variant: str, dataset: str, scale: Scale, conditional: bool):
+    """The method's paper config with this book's deviations."""
+    label_dropout = LABEL_DROPOUT if conditional else 0.0
+    sigma_data = dataset_info(dataset).rms  # the papers' σ_d = 0.5 is the RMS of their images
     if method == "fm":
-        from .methods.fm import FMConfig
-        return FMConfig(time_sampler="uniform", label_dropout=label_dropout)
+        return fm.Config(label_dropout=label_dropout)
     if method == "cm":
-        return _cm_cfg(variant, dataset, scale, train, label_dropout)
-    if method == "shortcut":
-        return _shortcut_cfg(dataset, label_dropout)
+        if variant == "ict":
+            return cm.variant_config(variant, sigma_data=sigma_data, label_dropout=label_dropout,
+                                     n_end=scale.ict_n_end)
+        if variant in ("sct", "scd"):  # sCM warms the tangent up over 10k of its 400k steps; ours, 10% of the run
+            return cm.variant_config(variant, sigma_data=sigma_data, label_dropout=label_dropout,
+                                     warmup_fraction=0.1)
+        return cm.variant_config(variant, sigma_data=sigma_data, label_dropout=label_dropout)
     if method == "ctm":
-        return _ctm_cfg(dataset, scale, label_dropout)
-    raise ValueError(f"no preset for method {method!r}")
+        return ctm.Config(sigma_data=sigma_data, label_dropout=label_dropout)
+    # The paper's 1/4 of each batch bootstraps (the code: 1/8), so a batch of 512 gives each of the 7
+    # bootstrap levels ~18 rows, not ~9.  The bootstrap targets come from the online network under
+    # stop-gradient, not the EMA: each level learns from the one below, so an EMA target delays the
+    # coarsest level by about 7 EMA time constants, longer than a book run.  The code's ±4 clip is for
+    # unit-scale data (images in [−1, 1], latents); we widen it to 4·σ_d on wider data (8gaussians).
+    return shortcut.Config(bootstrap_every=4, clip=4.0 * max(1.0, sigma_data), ema_target=False,
+                           label_dropout=label_dropout)
 
 
-def run_preset(method: str, dataset: str, scale: str, conditional: bool = False,
-               variant: str | None = None) -> RunPreset:
-    """The settings for training ``method`` (``variant``: its default when None) on ``dataset`` at ``scale``."""
+def _train(method: str, method_cfg, dataset: str, scale: Scale) -> TrainConfig:
+    """The scale's optimisation settings with the method's target network, if it keeps one."""
+    base = scale.train_2d if _is_2d(dataset) else scale.train_images
+    train = replace(base, steps=scale.longer_runs.get(dataset, base.steps))
+    if method == "cm" and cm.target_decay(method_cfg) is not None:
+        # CD and CT read their target network from an EMA at μ (CT: μ(k)); the samples come from that
+        # same average, as in Chapter 2's runs
+        decay = cm.target_decay(method_cfg)
+        return replace(train, ema_decay=decay, target_decay=decay)
+    if method == "ctm":  # the EMA is CTM's target network and its sampler
+        return replace(train, ema_decay=scale.target_ema, target_decay=scale.target_ema)
+    return train
+
+
+def run_preset(method: str, dataset: str, scale: str, conditional: bool = False, variant: str | None = None,
+               **train_overrides) -> RunPreset:
+    """The settings for training ``method`` (``variant``: its default when None) on ``dataset`` at ``scale``;
+    ``train_overrides`` replace fields of the ``TrainConfig`` (e.g. ``steps``)."""
     module = get_method(method)
     variant = check_variant(method, variant)
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; accepted: {', '.join(DATASETS)}")
-    scale = resolve_scale(scale)
+    table = SCALE_TABLE[resolve_scale(scale)]
     if conditional and not dataset_info(dataset).n_classes:
         raise ValueError(f"dataset {dataset!r} has no labels; class-conditional training needs one of "
                          f"{', '.join(d for d in DATASETS if dataset_info(d).n_classes)}")
-    train = _train(dataset, scale)
-    n_train = {"smoke": 20_000, "book": 100_000, "full": 1_000_000}[scale]
-    return RunPreset(method=method, dataset=dataset, model=_model(dataset, scale, module.N_COND, conditional),
-                     train=train, method_cfg=_method_cfg(method, variant, dataset, scale, train, conditional),
-                     n_train=n_train if len(dataset_info(dataset).shape) == 1 else None, variant=variant)
-
-
-def with_training(preset: RunPreset, **overrides) -> RunPreset:
-    """``preset`` with some ``TrainConfig`` fields replaced (e.g. ``steps``); a method whose
-    schedule spans the run (``total_steps``) is stretched to the new length."""
-    train = replace(preset.train, **overrides)
-    method_cfg = preset.method_cfg
-    if hasattr(method_cfg, "total_steps"):
-        method_cfg = replace(method_cfg, total_steps=train.steps)
-    return replace(preset, train=train, method_cfg=method_cfg)
+    method_cfg = _method_cfg(method, variant, dataset, table, conditional)
+    train = replace(_train(method, method_cfg, dataset, table), **train_overrides)
+    two_d = _is_2d(dataset)
+    return RunPreset(method=method, dataset=dataset, model=_model(dataset, table, module.N_COND, conditional),
+                     train=train, method_cfg=method_cfg, n_train=table.n_train_2d if two_d else None,
+                     variant=variant, eval_steps=EVAL_STEPS.get(method, 1), eval_n=2000 if two_d else 1000)
 
 
 # -- chapters ------------------------------------------------------------------------
@@ -186,23 +180,24 @@ class FlowMatchingChapter:
     anim_frames: int = 25
 
 
+def _sizes(scale: str) -> dict:
+    table = SCALE_TABLE[scale]
+    return {"n_eval": table.n_eval, "n_map": table.n_map, "n_images": table.n_images}
+
+
 def flow_matching_chapter(scale: str) -> FlowMatchingChapter:
     scale = resolve_scale(scale)
+    sets = {"smoke": ("digits",), "book": ("digits",), "full": ("digits", "mnist")}[scale]
     runs = {"8gaussians": run_preset("fm", "8gaussians", scale),
             "checkerboard": run_preset("fm", "checkerboard", scale),
-            "digits": run_preset("fm", "digits", scale, conditional=True)}
-    if scale == "smoke":
-        return FlowMatchingChapter(runs=runs, n_eval=500, n_map=300, step_counts=(1, 2, 4, 8),
-                                   image_step_counts=(1, 4), n_images=300, anim_frames=4)
-    if scale == "book":
-        return FlowMatchingChapter(runs=runs)
-    runs["mnist"] = run_preset("fm", "mnist", scale, conditional=True)
-    runs["digits"] = with_training(runs["digits"], steps=20_000)
-    return FlowMatchingChapter(runs=runs, n_eval=10_000, n_map=10_000, n_images=10_000,
-                               image_sets=("digits", "mnist"))
+            **{name: run_preset("fm", name, scale, conditional=True) for name in sets}}
+    if scale == "full":  # the digits U-Net converges long before MNIST's 60k steps
+        runs["digits"] = replace(runs["digits"], train=replace(runs["digits"].train, steps=20_000))
+    per_scale = {"smoke": {"step_counts": (1, 2, 4, 8), "image_step_counts": (1, 4), "anim_frames": 4},
+                 "book": {}, "full": {"image_sets": sets}}
+    return FlowMatchingChapter(runs=runs, **_sizes(scale), **per_scale[scale])
 
 
-# -- Chapter 2: consistency models -------------------------------------------------------
 @dataclass(frozen=True)
 class ConsistencyChapter:
     """Chapter 2: the runs it trains (and their teachers) and the sizes of its checks."""
@@ -217,7 +212,7 @@ class ConsistencyChapter:
     grid_sizes: tuple = (1, 2, 4, 8, 16, 32, 64)  # N of the discretisation tradeoff
     n_paths: int = 400  # exact trajectories the tradeoff is measured on
     fd_steps: tuple = (1e-2, 1e-3)  # central-difference steps in τ for the sCM tangent check
-    gaussian_cfg: Any = None  # the CMConfig whose sampler the Gaussian multistep analysis runs
+    gaussian_cfg: Any = None  # the cm.Config whose sampler the Gaussian multistep analysis runs
     gaussian_steps: tuple = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
     perturbations: tuple = (0.01, 0.03, 0.1)  # size δ of a consistency function's scale error
     error_profiles: tuple = (1, 2)  # the scale error grows like δ·t^p along the path
@@ -229,38 +224,27 @@ class ConsistencyChapter:
 
 def consistency_chapter(scale: str) -> ConsistencyChapter:
     scale = resolve_scale(scale)
-    # book: 1500 steps per run keeps eight runs within the chapter's CPU budget; None: the scale's default
-    steps = {"smoke": 150, "book": 1500, "full": None}[scale]
-
-    def run(method, variant=None, dataset="8gaussians", conditional=False):
-        preset = run_preset(method, dataset, scale, conditional=conditional, variant=variant)
-        return preset if steps is None else with_training(preset, steps=steps)
-
-    runs = {"fm_teacher": run("fm"), "cd": run("cm", "cd")}
-    runs["cd_fm"] = runs["cd"]
-    runs.update({v: run("cm", v) for v in ("ct", "ict", "sct", "scd")})
-    runs["ict_unstopped"] = replace(runs["ict"], method_cfg=replace(runs["ict"].method_cfg, target="unstopped"))
-    teachers = {"cd": "exact", "cd_fm": "fm_teacher", "scd": "exact"}
-    gaussian_cfg = run_preset("cm", "gaussian", scale, variant="sct").method_cfg
-    common = {"runs": runs, "teachers": teachers, "gaussian_cfg": gaussian_cfg}
-    if scale == "smoke":
-        # one run per code path (network teacher, discrete, continuous): each run costs a JAX compilation
-        return ConsistencyChapter(**common, compare=("cd_fm", "ict", "sct"), n_eval=500, n_map=300,
-                                  grid_sizes=(1, 2, 4, 8, 16, 32), n_paths=100)
+    # 1500 steps per run keeps eight runs within the book's CPU budget; full scale keeps its default
+    steps = {"smoke": {"steps": 150}, "book": {"steps": 1500}, "full": {}}[scale]
     variant = "sct"  # the teacher-free variant on class-conditional images
-    if scale == "book":
-        # sCD's tangent is checked above; its run is left to full scale to make room for the digits
-        runs["digits"] = run("cm", variant, "digits", conditional=True)
-        return ConsistencyChapter(**common, compare=("cd", "cd_fm", "ct", "ict", "sct"), image_sets=("digits",),
-                                  image_variant=variant)
-    sets = ("digits", "mnist")
-    runs.update({name: run("cm", variant, name, conditional=True) for name in sets})
-    return ConsistencyChapter(**common, n_eval=10_000, n_map=10_000, n_images=10_000, image_sets=sets,
-                              image_variant=variant)
+    sets = {"smoke": (), "book": ("digits",), "full": ("digits", "mnist")}[scale]
+    runs = {"fm_teacher": run_preset("fm", "8gaussians", scale, **steps),
+            **{v: run_preset("cm", "8gaussians", scale, variant=v, **steps) for v in cm.VARIANTS},
+            **{name: run_preset("cm", name, scale, conditional=True, variant=variant, **steps) for name in sets}}
+    runs["cd_fm"] = runs["cd"]
+    runs["ict_unstopped"] = replace(runs["ict"], method_cfg=replace(runs["ict"].method_cfg, target="unstopped"))
+    per_scale = {
+        # one run per code path (network teacher, discrete, continuous): each run costs a JAX compilation
+        "smoke": {"compare": ("cd_fm", "ict", "sct"), "grid_sizes": (1, 2, 4, 8, 16, 32), "n_paths": 100},
+        # sCD's tangent is checked in the chapter; its run is left to full scale to make room for the digits
+        "book": {"compare": ("cd", "cd_fm", "ct", "ict", "sct")},
+        "full": {},
+    }[scale]
+    return ConsistencyChapter(runs=runs, teachers={"cd": "exact", "cd_fm": "fm_teacher", "scd": "exact"},
+                              gaussian_cfg=run_preset("cm", "gaussian", scale, variant="sct").method_cfg,
+                              image_sets=sets, image_variant=variant, **_sizes(scale), **per_scale)
 
 
-
-# -- Chapter 3: consistency trajectory models --------------------------------------------
 @dataclass(frozen=True)
 class ConsistencyTrajectoryChapter:
     """Chapter 3: CTM distilled on 8gaussians from the exact field and from an FM teacher."""
@@ -277,22 +261,16 @@ class ConsistencyTrajectoryChapter:
 
 def consistency_trajectory_chapter(scale: str) -> ConsistencyTrajectoryChapter:
     scale = resolve_scale(scale)
-    steps = {"smoke": 200, "book": 1500, "full": None}[scale]  # None: the scale's default length
-
-    def run(method):
-        preset = run_preset(method, "8gaussians", scale)
-        return preset if steps is None else with_training(preset, steps=steps)
-
-    runs = {"fm_teacher": run("fm"), "exact": run("ctm"), "fm": run("ctm")}
-    if scale == "smoke":
-        return ConsistencyTrajectoryChapter(runs=runs, teacher_eval_steps=8, n_eval=500, n_map=300,
-                                            split_points=4)
-    if scale == "book":
-        return ConsistencyTrajectoryChapter(runs=runs, split_points=16)
-    return ConsistencyTrajectoryChapter(runs=runs, n_eval=10_000, n_map=10_000)
+    steps = {"smoke": {"steps": 200}, "book": {"steps": 1500}, "full": {}}[scale]
+    runs = {"fm_teacher": run_preset("fm", "8gaussians", scale, **steps),
+            "exact": run_preset("ctm", "8gaussians", scale, **steps)}
+    runs["fm"] = runs["exact"]
+    per_scale = {"smoke": {"teacher_eval_steps": 8, "n_map": 300, "split_points": 4},
+                 "book": {"n_map": 1000, "split_points": 16}, "full": {}}[scale]
+    sizes = {k: v for k, v in _sizes(scale).items() if k != "n_images"}
+    return ConsistencyTrajectoryChapter(runs=runs, **{**sizes, **per_scale})
 
 
-# -- Chapter 4: shortcut models ----------------------------------------------------------
 @dataclass(frozen=True)
 class ShortcutChapter:
     """Chapter 4: a shortcut model against the exact map, the data and CM multistep sampling."""
@@ -310,16 +288,12 @@ class ShortcutChapter:
 
 def shortcut_chapter(scale: str) -> ShortcutChapter:
     scale = resolve_scale(scale)
+    sets = {"smoke": (), "book": ("digits",), "full": ("digits", "mnist")}[scale]  # smoke: ≤ 30 s
     runs = {"8gaussians": run_preset("shortcut", "8gaussians", scale),
             "cm": run_preset("cm", "8gaussians", scale, variant="cd"),
-            "digits": run_preset("shortcut", "digits", scale, conditional=True)}
-    if scale == "smoke":
-        return ShortcutChapter(runs=runs, n_eval=500, n_map=300, n_order=50, step_counts=(1, 4, 16, 128),
-                               image_sets=())  # ≤ 30 s
-    if scale == "book":
-        return ShortcutChapter(runs=runs)
-    runs["mnist"] = run_preset("shortcut", "mnist", scale, conditional=True)
-    return ShortcutChapter(runs=runs, n_eval=10_000, n_map=10_000, n_images=10_000, image_sets=("digits", "mnist"))
+            **{name: run_preset("shortcut", name, scale, conditional=True) for name in sets}}
+    per_scale = {"smoke": {"n_order": 50, "step_counts": (1, 4, 16, 128)}, "book": {}, "full": {}}[scale]
+    return ShortcutChapter(runs=runs, image_sets=sets, **_sizes(scale), **per_scale)
 
 
 CHAPTERS = {"flow_matching": flow_matching_chapter, "consistency_models": consistency_chapter,

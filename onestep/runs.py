@@ -1,13 +1,16 @@
-"""Run directories: parameters, provenance and metrics, written so a failure never
-destroys earlier results.
+"""The run layer: train a preset, sample its model, and keep runs on disk.
 
-A run writes into ``<dir>.partial`` and only a successful ``commit()`` moves it to
-``<dir>`` (replacing an earlier run only when overwriting was asked for).  An
-interrupted run leaves its ``.partial`` folder, whose checkpoint ``resume`` continues.
+``fit`` trains a ``presets.RunPreset``; ``sample_run`` samples a run's model in its data set's
+shape; ``load_run`` and ``load_teacher`` read committed runs back.  Run directories hold
+parameters, provenance and metrics, written so a failure never destroys earlier results: a run
+writes into ``<dir>.partial`` and only a successful ``commit()`` moves it to ``<dir>`` (replacing an
+earlier run only when overwriting was asked for).  An interrupted run leaves its ``.partial``
+folder, whose checkpoint ``resume`` continues.
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import platform
@@ -17,7 +20,16 @@ import sys
 import time
 from importlib import metadata
 
-from .backends.checkpoint import atomic_write
+import numpy as np
+
+from .backends import get_backend
+from .backends.architectures import model_shape
+from .data import dataset_info, load
+from .files import atomic_write
+from .methods import get_method, make_loss
+from .presets import run_preset
+from .teachers import network_teacher, oracle_teacher
+from .train import as_model_input, init_state, train
 
 _PACKAGES = ("numpy", "scipy", "torch", "jax", "jaxlib", "equinox", "optax", "pot", "papermill")
 
@@ -25,8 +37,8 @@ _PACKAGES = ("numpy", "scipy", "torch", "jax", "jaxlib", "equinox", "optax", "po
 def to_jsonable(obj):
     """Dataclasses, tuples, numpy scalars and arrays as plain JSON values."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {"type": type(obj).__name__, **{f.name: to_jsonable(getattr(obj, f.name))
-                                              for f in dataclasses.fields(obj)}}
+        kind = f"{type(obj).__module__.rsplit('.', 1)[-1]}.{type(obj).__qualname__}"  # e.g. cm.Config
+        return {"type": kind, **{f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -115,8 +127,63 @@ def read_run(path: str) -> dict:
 CKPT = "checkpoint"
 
 
-def _fields(cfg, ignore=("type",)) -> dict:
-    return {k: v for k, v in to_jsonable(cfg).items() if k not in ignore}
+def fit(bk, preset, seed: int = 0, ckpt_path: str | None = None, resume: bool = False,
+        progress: bool | None = None, data=None, teacher=None):
+    """Build the data, model and loss of a ``RunPreset`` and train it.
+
+    ``teacher`` is a velocity field ``(z, t, y) -> v`` for distillation methods (see
+    ``onestep.teachers``).  Returns ``(state, history, data)``; ``data`` is the training set used.
+    """
+    if data is None:
+        data = load(preset.dataset, n=preset.n_train, seed=seed, split="train")
+    data = as_model_input(data, preset.model)
+    loss_fn = make_loss(bk, preset.method_cfg, preset.train.steps, teacher)
+    state = init_state(bk, preset.model, preset.train, seed)
+    state, history = train(bk, loss_fn, state, data, preset.train, seed, ckpt_path=ckpt_path, resume=resume,
+                           progress=progress)
+    return state, history, data
+
+
+def sample_run(bk, model, preset, n: int, seed: int, steps: int, solver: str | None = None, noise=None,
+               label=None):
+    """``(samples, labels)`` (numpy) of the model of a ``RunPreset``, shaped like its data set.
+
+    The noise is given (shape ``(n, *model input)``) or drawn from ``seed``, which also keys any
+    renoising of the sampler (cm multistep, ctm γ > 0); a class-conditional model is asked for
+    ``label``, or for labels cycling 0..K-1 (sample i gets i mod K).  ``solver`` is for ODE samplers (fm).
+    """
+    shape = dataset_info(preset.dataset).shape
+    in_shape = model_shape(preset.model)
+    k_noise, k_sample = bk.split(bk.key(seed), 2)
+    if noise is None:
+        noise = bk.normal(k_noise, (n, *in_shape))
+    else:
+        noise = np.asarray(noise)
+        if noise.ndim != 1 + len(in_shape) or noise.shape[1:] != in_shape:
+            raise ValueError(f"noise has shape {noise.shape}; this run needs (n, {', '.join(map(str, in_shape))})")
+        noise = bk.from_numpy(noise)
+    labels = None
+    n_classes = preset.model.n_classes
+    if n_classes:
+        labels = (np.full(len(noise), label) if label is not None else np.arange(len(noise)) % n_classes)
+        if labels.max() >= n_classes:
+            raise ValueError(f"label {int(labels.max())} out of range; accepted: 0..{n_classes - 1}")
+    elif label is not None:
+        raise ValueError("a label was given but the model is not class-conditional")
+    method = get_method(preset.method)
+    options = {}
+    if solver is not None:
+        if "solver" not in inspect.signature(method.sample).parameters:
+            raise ValueError(f"method {preset.method!r} samples by jumps, not with an ODE solver; drop the "
+                             f"solver ({solver!r}); solvers apply to fm only")
+        options["solver"] = solver
+    y = None if labels is None else bk.from_numpy(labels)
+    out = method.sample(bk, preset.method_cfg, model, noise, steps, k_sample, y=y, **options)
+    return bk.to_numpy(out).reshape((len(noise), *shape)), labels
+
+
+def _fields(cfg) -> dict:
+    return {k: v for k, v in to_jsonable(cfg).items() if k != "type"}
 
 
 def load_run(path: str, device: str = "auto", backend=None):
@@ -125,17 +192,12 @@ def load_run(path: str, device: str = "auto", backend=None):
     With ``backend`` given (a Backend object), the run must have been trained with it; this
     is how a student loads its teacher into its own framework.
     """
-    from . import get_backend
-    from .presets import run_preset
-    from .train import run_keys
-
     info = read_run(path)
     preset = run_preset(info["method"], info["dataset"], info["scale"], conditional=info["conditional"],
-                        variant=info.get("variant") or None)
+                        variant=info.get("variant") or None, **info.get("train_overrides", {}))
     recorded = info["preset"]
-    for part in ("model", "method_cfg"):
-        saved, now = _fields(recorded[part], ("type", "total_steps")), _fields(getattr(preset, part),
-                                                                             ("type", "total_steps"))
+    for part in ("model", "method_cfg", "train"):
+        saved, now = _fields(recorded[part]), _fields(getattr(preset, part))
         if saved != now:
             raise ValueError(f"the {part} recorded in {path}/run.json no longer matches the preset "
                              f"({saved} vs {now}); retrain the run")
@@ -143,10 +205,27 @@ def load_run(path: str, device: str = "auto", backend=None):
         raise ValueError(f"run {path} was trained with the {info['backend']} backend, not {backend.name}; "
                          f"train it again with --backend {backend.name}")
     bk = backend or get_backend(info["backend"], device=device)
-    model = bk.make_model(preset.model, run_keys(bk, info["seed"])[0])
-    state = bk.init_train_state(model, lr=preset.train.lr, ema_decay=preset.train.ema_decay)
     ckpt = os.path.join(path, CKPT)
     if not os.path.isfile(ckpt):
         raise FileNotFoundError(f"no checkpoint at {ckpt}")
-    state = bk.load(state, ckpt)
+    state = bk.load(init_state(bk, preset.model, preset.train, info["seed"]), ckpt)
     return bk, state.ema, preset, info
+
+
+def load_teacher(bk, spec: str | None, preset, device: str = "auto"):
+    """The teacher named by ``spec``: None (no teacher), ``"exact"``, or the directory of a trained
+    ``fm`` run on the same data set and labels as ``preset``, trained with backend ``bk``."""
+    if spec is None:
+        return None
+    if spec == "exact":
+        return oracle_teacher(bk, preset.dataset)
+    if not os.path.isdir(spec):
+        raise FileNotFoundError(f"teacher run directory {spec} does not exist; train one with "
+                                f"python -m onestep train --method fm --dataset {preset.dataset} --out {spec}")
+    _, model, teacher_preset, info = load_run(spec, device, backend=bk)
+    if info["method"] != "fm":
+        raise ValueError(f"the teacher must be a flow-matching (fm) run; {spec} is a {info['method']!r} run")
+    if info["dataset"] != preset.dataset or bool(teacher_preset.model.n_classes) != bool(preset.model.n_classes):
+        raise ValueError(f"teacher {spec} was trained on {info['dataset']!r} (conditional={info['conditional']}); "
+                         f"the student needs {preset.dataset!r} (conditional={bool(preset.model.n_classes)})")
+    return network_teacher(bk, model)

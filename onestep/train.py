@@ -10,22 +10,35 @@ import math
 import os
 import sys
 from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import numpy as np
 from tqdm import tqdm
 
-from .backends.base import model_shape
+from .backends.architectures import model_shape
 from .data import batch_indices
+
+
+class DecaySchedule(Protocol):
+    """An EMA decay that changes over a run (CT's μ(k)): one value per training step."""
+
+    def table(self, total_steps: int) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings of one run (values per scale live in ``presets``)."""
+    """Optimisation settings of one run (values per scale live in ``presets``).
+
+    ``ema_decay`` is the running average the samples come from; ``target_decay``, when set, keeps
+    a second average that the loss reads as its target network (CD's μ, CT's μ(k), CTM's EMA
+    target); without it a loss that asks for a target gets the sampling average.
+    """
 
     steps: int
     batch_size: int
     lr: float = 1e-3
-    ema_decay: float = 0.999
+    ema_decay: float | DecaySchedule = 0.999
+    target_decay: float | DecaySchedule | None = None
     grad_clip: float | None = None
     log_every: int = 100
     ckpt_every: int = 0  # 0: only at the end (when a checkpoint path is given)
@@ -37,8 +50,19 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        for name in ("ema_decay", "target_decay"):
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1) or a schedule, got {value!r}")
+
+    def decays(self) -> tuple[Any, Any]:
+        """``(ema_decay, target_decay)`` as a backend takes them: constants, or functions of the step."""
+        def per_step(decay):
+            if decay is None or isinstance(decay, (int, float)):
+                return decay
+            table = decay.table(self.steps)
+            return lambda step: table[min(step, len(table) - 1)]
+        return per_step(self.ema_decay), per_step(self.target_decay)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -112,25 +136,9 @@ def run_keys(bk, seed: int):
     return bk.split(bk.key(seed), 2)
 
 
-def fit(bk, preset, seed: int = 0, ckpt_path: str | None = None, resume: bool = False,
-        progress: bool | None = None, data=None, teacher=None):
-    """Build the data, model and loss of a ``RunPreset`` and train it.
-
-    ``teacher`` is a velocity field ``(z, t, y) -> v`` for distillation methods (see
-    ``onestep.teachers``).  Returns ``(state, history, data)``; ``data`` is the training set used.
-    """
-    from .data import load
-    from .methods import get_method
-
-    if data is None:
-        data = load(preset.dataset, n=preset.n_train, seed=seed, split="train")
-    data = as_model_input(data, preset.model)
-    method = get_method(preset.method)
-    loss_fn = method.make_loss(bk, preset.method_cfg, teacher=teacher)
-    model_key, _ = run_keys(bk, seed)
-    state = bk.init_train_state(bk.make_model(preset.model, model_key), lr=preset.train.lr,
-                                ema_decay=method.ema_decay(preset.method_cfg, preset.train.ema_decay),
-                                grad_clip=preset.train.grad_clip)
-    state, history = train(bk, loss_fn, state, data, preset.train, seed, ckpt_path=ckpt_path,
-                           resume=resume, progress=progress)
-    return state, history, data
+def init_state(bk, model_cfg, cfg: TrainConfig, seed: int):
+    """A fresh train state: the network of ``model_cfg`` initialised from the run's key, its averages,
+    and the optimiser of ``cfg``."""
+    ema_decay, target_decay = cfg.decays()
+    return bk.init_train_state(bk.make_model(model_cfg, run_keys(bk, seed)[0]), lr=cfg.lr, ema_decay=ema_decay,
+                               target_decay=target_decay, grad_clip=cfg.grad_clip)

@@ -7,6 +7,7 @@ default) explicitly, never by JAX's default dtype.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import jax
 
@@ -17,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..base import MLPConfig, TrainState, UNetConfig, ema_decay_at
-from ..checkpoint import atomic_write
+from ...files import atomic_write
+from ..architectures import MLPConfig, UNetConfig
+from ..base import CompileCache, TrainState, ema_decay_at
 from .mlp import MLP
 from .params import from_flat, to_flat
 from .unet import UNet
@@ -31,7 +33,7 @@ def _is_float_array(x) -> bool:
     return eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.inexact)
 
 
-class JaxBackend:
+class JaxBackend(CompileCache):
     """JAX with jitted train steps (``eqx.filter_jit``) and ``jax.random`` keys."""
 
     name = "jax"
@@ -40,14 +42,10 @@ class JaxBackend:
     def __init__(self, device: str = "auto", precision: str = "float32"):
         platform = jax.default_backend() if device in ("auto", "cuda", "gpu") else device
         self.device = jax.devices(platform)[0]
-        self.set_precision(precision)
-        self._compiled: dict = {}
+        self.dtype = _DTYPES[precision]
+        super().__init__()
 
     # -- arrays ---------------------------------------------------------------
-    def set_precision(self, dtype: str) -> None:
-        self.dtype = _DTYPES[dtype]
-        self._compiled = {}
-
     def from_numpy(self, a, dtype: str | None = None):
         a = np.asarray(a)
         if a.dtype.kind == "f":
@@ -73,15 +71,17 @@ class JaxBackend:
     def uniform(self, key, shape):
         return jax.random.uniform(key, shape, dtype=self.dtype)
 
-    def randint(self, key, shape, high: int):
-        return jax.random.randint(key, shape, 0, high)
-
     # -- autodiff -------------------------------------------------------------
     def jvp(self, fn: Callable, primals: tuple, tangents: tuple):
-        return jax.jvp(fn, primals, tangents)
+        out, tangent = jax.jvp(fn, primals, tangents)
+        return out, jax.lax.stop_gradient(tangent)
 
     def stop_gradient(self, x):
         return jax.lax.stop_gradient(x)
+
+    def value_and_grad(self, fn: Callable, model):
+        (loss, aux), grads = eqx.filter_value_and_grad(fn, has_aux=True)(model)
+        return float(loss), {k: np.asarray(v) for k, v in aux.items()}, to_flat(grads)
 
     # -- models ---------------------------------------------------------------
     def make_model(self, cfg, key):
@@ -100,53 +100,61 @@ class JaxBackend:
     def count_params(self, model) -> int:
         return sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
 
+    # -- compilation ----------------------------------------------------------
+    @staticmethod
+    def _compile(fn: Callable) -> Callable:
+        """``fn`` jitted (``eqx.filter_jit``: arrays traced, everything else static)."""
+        return eqx.filter_jit(fn)
+
     # -- training -------------------------------------------------------------
-    def init_train_state(self, model, lr: float, ema_decay: float, grad_clip: float | None = None):
+    def init_train_state(self, model, lr: float, ema_decay, target_decay=None, grad_clip: float | None = None):
         opt = optax.adam(lr)
         if grad_clip:
             opt = optax.chain(optax.clip_by_global_norm(grad_clip), opt)
         opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
-        ema = jax.tree.map(lambda x: x, model)
-        return TrainState(model=model, ema=ema, opt_state=opt_state, step=0,
-                          extra={"ema_decay": ema_decay, "optimizer": opt})
+        return TrainState(model=model, ema=model, target=None if target_decay is None else model, optimizer=opt,
+                          opt_state=opt_state, ema_decay=ema_decay, target_decay=target_decay, grad_clip=grad_clip)
 
     def _compiled_step(self, loss_fn, opt):
         cache_key = (loss_fn, opt)  # an optax transformation is a hashable tuple
-        if cache_key not in self._compiled:
+        if cache_key not in self._cache:
+            def average(avg, model, decay):
+                return jax.tree.map(lambda e, p: e + (1.0 - decay).astype(p.dtype) * (p - e)
+                                    if _is_float_array(p) else e, avg, model)
+
             @eqx.filter_jit
-            def step(model, ema, opt_state, data, idx, key, step_no, decay):
+            def step(model, ema, target, opt_state, data, idx, key, step_no, ema_decay, target_decay):
                 batch = {k: None if v is None else v[idx] for k, v in data.items()}
                 step_key = jax.random.fold_in(key, step_no)
 
                 def scalar_loss(m):
-                    return loss_fn(m, ema, batch, step_key, step_no)
+                    return loss_fn(m, ema if target is None else target, batch, step_key, step_no)
 
                 (loss, aux), grads = eqx.filter_value_and_grad(scalar_loss, has_aux=True)(model)
                 updates, opt_state = opt.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
                 model = eqx.apply_updates(model, updates)
-                ema = jax.tree.map(lambda e, p: e + (1.0 - decay).astype(p.dtype) * (p - e)
-                                   if _is_float_array(p) else e,
-                                   ema, model)
-                return model, ema, opt_state, loss, aux
+                ema = average(ema, model, ema_decay)
+                if target is not None:
+                    target = average(target, model, target_decay)
+                return model, ema, target, opt_state, loss, aux
 
-            self._compiled[cache_key] = step
-        return self._compiled[cache_key]
+            self._cache[cache_key] = step
+        return self._cache[cache_key]
 
     def train_step(self, loss_fn, state: TrainState, data: dict, idx, key):
-        fn = self._compiled_step(loss_fn, state.extra["optimizer"])
-        decay = np.float64(ema_decay_at(state.extra["ema_decay"], state.step))
-        model, ema, opt_state, loss, aux = fn(state.model, state.ema, state.opt_state, data,
-                                              np.asarray(idx), key, np.asarray(state.step, np.uint32), decay)
-        new = TrainState(model=model, ema=ema, opt_state=opt_state, step=state.step + 1, extra=state.extra)
+        fn = self._compiled_step(loss_fn, state.optimizer)
+        decays = [np.float64(ema_decay_at(d, state.step)) if d is not None else None
+                  for d in (state.ema_decay, state.target_decay)]
+        model, ema, target, opt_state, loss, aux = fn(state.model, state.ema, state.target, state.opt_state, data,
+                                                      np.asarray(idx), key, np.asarray(state.step, np.uint32),
+                                                      *decays)
+        new = replace(state, model=model, ema=ema, target=target, opt_state=opt_state, step=state.step + 1)
         return new, loss, aux
-
-    def inference(self, fn: Callable) -> Callable:
-        return eqx.filter_jit(fn)
 
     def save(self, state: TrainState, path: str) -> None:
         def write(f):
             f.write(_MAGIC + int(state.step).to_bytes(8, "little"))
-            eqx.tree_serialise_leaves(f, (state.model, state.ema, state.opt_state))
+            eqx.tree_serialise_leaves(f, (state.model, state.ema, state.target, state.opt_state))
 
         atomic_write(path, write)
 
@@ -156,8 +164,8 @@ class JaxBackend:
                 raise ValueError(f"{path} is not a jax onestep checkpoint")
             step = int.from_bytes(f.read(8), "little")
             try:
-                model, ema, opt_state = eqx.tree_deserialise_leaves(
-                    f, (state.model, state.ema, state.opt_state))
+                model, ema, target, opt_state = eqx.tree_deserialise_leaves(
+                    f, (state.model, state.ema, state.target, state.opt_state))
             except (RuntimeError, ValueError, EOFError) as e:
                 raise ValueError(f"checkpoint {path} does not match the model: {e}") from None
-        return TrainState(model=model, ema=ema, opt_state=opt_state, step=step, extra=state.extra)
+        return replace(state, model=model, ema=ema, target=target, opt_state=opt_state, step=step)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..base import UNetConfig, group_count, unet_levels
+from ..architectures import UNetConfig, group_count, unet_levels
 from ..embedding import embed_conditions, frequencies
 
 

@@ -7,8 +7,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..base import MLPConfig, TrainState, UNetConfig, ema_decay_at
-from ..checkpoint import atomic_write
+from ...files import atomic_write
+from ..architectures import MLPConfig, UNetConfig
+from ..base import CompileCache, TrainState, ema_decay_at
 from ..keys import fold_in_seed, split_seed
 from .mlp import MLP
 from .unet import UNet
@@ -16,7 +17,7 @@ from .unet import UNet
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-class TorchBackend:
+class TorchBackend(CompileCache):
     """Eager PyTorch; random keys are 63-bit integer seeds for a ``torch.Generator``."""
 
     name = "torch"
@@ -26,12 +27,10 @@ class TorchBackend:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.set_precision(precision)
+        self.dtype = _DTYPES[precision]
+        super().__init__()
 
     # -- arrays ---------------------------------------------------------------
-    def set_precision(self, dtype: str) -> None:
-        self.dtype = _DTYPES[dtype]
-
     def from_numpy(self, a, dtype: str | None = None):
         a = np.asarray(a)
         if a.dtype.kind == "f":
@@ -62,17 +61,23 @@ class TorchBackend:
     def uniform(self, key, shape):
         return torch.rand(shape, generator=self._gen(key), device=self.device, dtype=self.dtype)
 
-    def randint(self, key, shape, high: int):
-        return torch.randint(0, high, shape, generator=self._gen(key), device=self.device)
-
     # -- autodiff -------------------------------------------------------------
     def jvp(self, fn: Callable, primals: tuple, tangents: tuple):
-        # Gradients w.r.t. parameters flow through the primal output (torch.func.jvp
-        # keeps the autograd graph of the primal computation).
-        return torch.func.jvp(fn, primals, tangents)
+        # The primal output keeps the autograd graph of the primal computation (torch.func.jvp
+        # records it), so gradients to the parameters flow through it; the tangent is detached.
+        out, tangent = torch.func.jvp(fn, primals, tangents)
+        return out, tangent.detach()
 
     def stop_gradient(self, x):
         return x.detach()
+
+    def value_and_grad(self, fn: Callable, model):
+        model.zero_grad(set_to_none=True)
+        loss, aux = fn(model)
+        loss.backward()
+        grads = {k: p.grad.detach().cpu().numpy() for k, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        return float(loss.detach()), {k: self.to_numpy(v) for k, v in aux.items()}, grads
 
     # -- models ---------------------------------------------------------------
     def make_model(self, cfg, key):
@@ -100,39 +105,47 @@ class TorchBackend:
     def count_params(self, model) -> int:
         return sum(p.numel() for p in model.parameters())
 
+    # -- compilation ----------------------------------------------------------
+    @staticmethod
+    def _compile(fn: Callable) -> Callable:
+        """``fn`` run without gradient tracking (eager torch compiles nothing)."""
+        def no_grad(*args, **kwargs):
+            with torch.no_grad():
+                return fn(*args, **kwargs)
+        return no_grad
+
     # -- training -------------------------------------------------------------
-    def init_train_state(self, model, lr: float, ema_decay: float, grad_clip: float | None = None):
-        ema = copy.deepcopy(model).requires_grad_(False)
+    def init_train_state(self, model, lr: float, ema_decay, target_decay=None, grad_clip: float | None = None):
+        def average():
+            return copy.deepcopy(model).requires_grad_(False)
         # fused: one kernel for all parameters (the per-tensor loop dominates small models)
         opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-        return TrainState(model=model, ema=ema, opt_state=opt, step=0,
-                          extra={"ema_decay": ema_decay, "grad_clip": grad_clip})
+        return TrainState(model=model, ema=average(), target=None if target_decay is None else average(),
+                          optimizer=opt, opt_state=None, ema_decay=ema_decay, target_decay=target_decay,
+                          grad_clip=grad_clip)
 
     def train_step(self, loss_fn, state: TrainState, data: dict, idx, key):
-        model, opt = state.model, state.opt_state
+        model, opt = state.model, state.optimizer
         idx = torch.as_tensor(idx, device=self.device)
         batch = {k: None if v is None else v[idx] for k, v in data.items()}
         opt.zero_grad(set_to_none=True)
-        loss, aux = loss_fn(model, state.ema, batch, self.fold_in(key, state.step), state.step)
+        loss, aux = loss_fn(model, state.target_net, batch, self.fold_in(key, state.step), state.step)
         loss.backward()
-        if state.extra.get("grad_clip"):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), state.extra["grad_clip"])
+        if state.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), state.grad_clip)
         opt.step()
         with torch.no_grad():
-            torch._foreach_lerp_(list(state.ema.parameters()), list(model.parameters()),
-                                 1.0 - ema_decay_at(state.extra["ema_decay"], state.step))
+            params = list(model.parameters())
+            for average, decay in ((state.ema, state.ema_decay), (state.target, state.target_decay)):
+                if average is not None:
+                    torch._foreach_lerp_(list(average.parameters()), params, 1.0 - ema_decay_at(decay, state.step))
         state.step += 1
         return state, loss.detach(), {k: v.detach() for k, v in aux.items()}
 
-    def inference(self, fn: Callable) -> Callable:
-        def wrapped(*args, **kwargs):
-            with torch.no_grad():
-                return fn(*args, **kwargs)
-        return wrapped
-
     def save(self, state: TrainState, path: str) -> None:
         blob = {"model": state.model.state_dict(), "ema": state.ema.state_dict(),
-                "opt": state.opt_state.state_dict(), "step": state.step, "backend": self.name}
+                "target": None if state.target is None else state.target.state_dict(),
+                "opt": state.optimizer.state_dict(), "step": state.step, "backend": self.name}
         atomic_write(path, lambda f: torch.save(blob, f))
 
     def load(self, state: TrainState, path: str) -> TrainState:
@@ -143,10 +156,15 @@ class TorchBackend:
         if not isinstance(blob, dict) or blob.get("backend") != self.name:
             raise ValueError(f"{path} is not a torch onestep checkpoint "
                              f"(backend={blob.get('backend') if isinstance(blob, dict) else '?'})")
+        if (blob.get("target") is None) != (state.target is None):
+            raise ValueError(f"checkpoint {path} {'has no' if state.target is not None else 'has a'} target "
+                             f"network, unlike this run; it belongs to another method or preset")
         try:
             state.model.load_state_dict(blob["model"])
             state.ema.load_state_dict(blob["ema"])
-            state.opt_state.load_state_dict(blob["opt"])
+            if state.target is not None:
+                state.target.load_state_dict(blob["target"])
+            state.optimizer.load_state_dict(blob["opt"])
         except RuntimeError as e:
             raise ValueError(f"checkpoint {path} does not match the model: {e}") from None
         state.step = int(blob["step"])

@@ -10,7 +10,7 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-from ..base import MLPConfig
+from ..architectures import MLPConfig
 from ..embedding import embed_conditions, frequencies
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..base import UNetConfig, group_count, unet_levels
+from ..architectures import UNetConfig, group_count, unet_levels
 from ..embedding import embed_conditions, frequencies
 
 
