@@ -14,7 +14,7 @@ from typing import Any
 
 from .backends.architectures import MLPConfig, UNetConfig
 from .data import DATASETS, dataset_info
-from .methods import check_variant, cm, ctm, fm, get_method, shortcut
+from .methods import check_variant, cm, ctm, fm, get_method, meanflow, shortcut
 from .train import TrainConfig
 
 SCALES = ("smoke", "book", "full")
@@ -122,6 +122,8 @@ def _method_cfg(method: str, variant: str, dataset: str, scale: Scale, condition
         return cm.variant_config(variant, sigma_data=sigma_data, label_dropout=label_dropout)
     if method == "ctm":
         return ctm.Config(sigma_data=sigma_data, label_dropout=label_dropout)
+    if method == "meanflow":
+        return meanflow.Config(label_dropout=label_dropout)
     # The paper's 1/4 of each batch bootstraps (the code: 1/8), so a batch of 512 gives each of the 7
     # bootstrap levels ~18 rows, not ~9.  The bootstrap targets come from the online network under
     # stop-gradient, not the EMA: each level learns from the one below, so an EMA target delays the
