@@ -31,7 +31,7 @@ import numpy as np
 
 from ..backends.embedding import EMBEDDING_TIME_SCALE
 from ..conventions import EDM_SIGMA_MAX, EDM_SIGMA_MIN, t_from_sigma, t_from_tau, tau_from_t, trigflow_scale
-from ..paths import expand, interpolate
+from ..paths import LINEAR, expand
 from ..sample import ode_step
 from ..times import karras_sigmas
 from . import no_solver
@@ -246,9 +246,9 @@ def discrete_loss(bk, cfg: CMConfig, teacher, model, ema, batch: dict, draws: di
     x0, noise, s_lo, s_hi = batch["x"], draws["noise"], draws["sigma_lo"], draws["sigma_hi"]
     t_lo, t_hi = t_from_sigma(s_lo), t_from_sigma(s_hi)
     y = condition_labels(bk, model, batch.get("y"), draws.get("drop"))
-    z_hi = interpolate(x0, noise, t_hi)
+    z_hi = LINEAR.sample(bk.xp, x0, noise, t_hi)
     if teacher is None:
-        z_lo = interpolate(x0, noise, t_lo)  # CT: the same noise one grid step cleaner
+        z_lo = LINEAR.sample(bk.xp, x0, noise, t_lo)  # CT: the same noise one grid step cleaner
     else:
         z_lo = bk.stop_gradient(ode_step(teacher, z_hi, t_hi, t_lo, y, "heun"))  # one teacher Heun step
     target = consistency(bk, ema if cfg.target == "ema" else model, cfg, z_lo, t_lo, y)

@@ -45,7 +45,7 @@ from itertools import pairwise
 
 import numpy as np
 
-from ..paths import conditional_velocity, expand, interpolate
+from ..paths import LINEAR, expand
 from ..sample import ode_step
 from . import no_solver
 from .fm import FMConfig, condition_labels
@@ -159,15 +159,15 @@ def loss_from_draws(bk, cfg: CTMConfig, teacher, model, ema, batch: dict, draws:
     x0, x1, t, u, s = batch["x"], draws["x1"], draws["t"], draws["u"], draws["s"]
     y = condition_labels(bk, model, batch.get("y"), draws.get("drop"))
     end = xp.zeros_like(t)
-    z_t = interpolate(x0, x1, t)
+    z_t = LINEAR.sample(xp, x0, x1, t)
     estimate = flow_map(bk, ema, cfg, flow_map(bk, model, cfg, z_t, t, s, y), s, end, y)
     z_u = bk.stop_gradient(teacher_solve(teacher, z_t, t, u, y, cfg.teacher_steps))
     target = bk.stop_gradient(flow_map(bk, ema, cfg, flow_map(bk, ema, cfg, z_u, u, s, y), s, end, y))
     ctm = xp.mean((estimate - target) ** 2)
 
     tau, noise = draws["dsm_t"], draws["dsm_x1"]
-    velocity = average_velocity(bk, model, cfg, interpolate(x0, noise, tau), tau, tau, y)
-    dsm = xp.mean((velocity - conditional_velocity(x0, noise)) ** 2)
+    velocity = average_velocity(bk, model, cfg, LINEAR.sample(xp, x0, noise, tau), tau, tau, y)
+    dsm = xp.mean((velocity - LINEAR.velocity(xp, x0, noise, tau)) ** 2)
     weight = cfg.dsm_weight
     if cfg.dsm_balance == "adaptive":
         weight = weight * bk.stop_gradient(xp.sqrt(ctm / (dsm + 1e-12)))

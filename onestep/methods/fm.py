@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..paths import conditional_velocity, interpolate
+from ..paths import LINEAR
 from ..sample import integrate
 from ..times import sample_times
 
@@ -59,7 +59,7 @@ def loss_from_draws(bk, model, batch: dict, draws: dict):
     """Mean squared error to the conditional velocity (mean over rows and dimensions)."""
     x0, x1, t = batch["x"], draws["x1"], draws["t"]
     y = condition_labels(bk, model, batch.get("y"), draws.get("drop"))
-    err = velocity(bk, model, interpolate(x0, x1, t), t, y) - conditional_velocity(x0, x1)
+    err = velocity(bk, model, LINEAR.sample(bk.xp, x0, x1, t), t, y) - LINEAR.velocity(bk.xp, x0, x1, t)
     loss = bk.xp.mean(err ** 2)
     return loss, {"mse": loss}
 

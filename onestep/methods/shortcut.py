@@ -31,7 +31,7 @@ from functools import cache
 
 import numpy as np
 
-from ..paths import conditional_velocity, expand, interpolate
+from ..paths import LINEAR, expand
 from . import no_solver
 from .fm import condition_labels, label_dropout
 
@@ -125,8 +125,8 @@ def targets(bk, cfg: ShortcutConfig, net, batch: dict, draws: dict):
     ``n // bootstrap_every`` rows, ``x1 − x0`` on the rest."""
     x0, x1, t, level = batch["x"], draws["x1"], draws["t"], draws["level"]
     y = condition_labels(bk, net, batch.get("y"), draws.get("drop"))
-    z = interpolate(x0, x1, t)
-    target = conditional_velocity(x0, x1)
+    z = LINEAR.sample(bk.xp, x0, x1, t)
+    target = LINEAR.velocity(bk.xp, x0, x1, t)
     n_boot = x0.shape[0] // cfg.bootstrap_every
     if n_boot:
         boot = bootstrap_target(bk, net, cfg, z[:n_boot], t[:n_boot], level[:n_boot],
