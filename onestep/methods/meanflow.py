@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backends.embedding import EMBEDDING_TIME_SCALE
-from ..paths import conditional_velocity, expand, interpolate
+from ..paths import LINEAR, expand
 from ..times import sample_times
 from .flowmap import check_steps, condition_labels, label_dropout, per_row, sample_jumps, uniform_times
 
@@ -171,8 +171,8 @@ def prediction_and_target(bk, cfg: Config, model, batch: dict, draws: dict):
     xp = bk.xp
     x0, x1, t, r = batch["x"], draws["x1"], draws["t"], draws["r"]
     y = batch.get("y")
-    z = interpolate(x0, x1, t)
-    v = guided_velocity(bk, cfg, model, z, t, conditional_velocity(x0, x1), y, draws.get("drop"))
+    z = LINEAR.sample(xp, x0, x1, t)
+    v = guided_velocity(bk, cfg, model, z, t, LINEAR.velocity(xp, x0, x1, t), y, draws.get("drop"))
     y_in = condition_labels(bk, model, y, draws.get("drop"))
     u, du_dt = bk.jvp(lambda z_, r_, t_: average_velocity(bk, model, cfg, z_, r_, t_, y_in), (z, r, t),
                       (v, xp.zeros_like(r), xp.ones_like(t)))
