@@ -13,6 +13,7 @@ from onestep import BACKENDS, get_backend, metrics
 from onestep.backends.architectures import MLPConfig
 from onestep.evaluation import reference
 from onestep.methods import flowmap, fm, make_loss, meanflow
+from onestep.paths import LINEAR
 from onestep.presets import run_preset
 from onestep.runs import fit
 from onestep.train import run_keys
@@ -222,7 +223,7 @@ def test_gradient_flows_through_the_prediction_only(pair, side):
     sq = np.sum((bk.to_numpy(u) - bk.to_numpy(target)) ** 2, axis=1)
     weight = bk.from_numpy(1 / (sq + CFG.norm_eps) ** CFG.norm_p)
     y = flowmap.condition_labels(bk, model, data["y"], draws["drop"])
-    z = data["x"] * (1 - draws["t"][:, None]) + draws["x1"] * draws["t"][:, None]
+    z = LINEAR.sample(bk.xp, data["x"], draws["x1"], draws["t"])
 
     def fixed(m):
         err = meanflow.average_velocity(bk, m, CFG, z, draws["r"], draws["t"], y) - target
@@ -302,11 +303,14 @@ REAL_TARGET = meanflow.prediction_and_target
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_meanflow_converges_at_smoke_scale(name, monkeypatch):
-    """MeanFlow at the smoke preset on 8gaussians: one-step W2 to fresh data (n = 1000) well below the
-    untrained network's and a run with the broken target (no (t − r)·du/dt term), whose one-step
-    samples collapse towards the data mean.  Measured (torch / jax): see THRESHOLDS below."""
+    """MeanFlow with the smoke preset's network, batch and learning rate on 8gaussians, 1000 steps (the
+    preset's 400 are too short to tell a broken target apart): one-step W2 to fresh data (n = 1000,
+    fixed seeds) well below the untrained network's and below a run with the broken target of
+    ``no_jvp_target`` (no (t − r)·du/dt term), whose one-step samples head for the data mean.
+    Measured (torch / jax): trained 0.482 / 0.487, broken 2.133 / 2.174, untrained 1.656 / 1.646; with
+    the sign of the correction flipped (not run here; the fixed-point test catches it) 1.742 / 1.387."""
     bk = get_backend(name)
-    preset = run_preset("meanflow", "8gaussians", "smoke")
+    preset = run_preset("meanflow", "8gaussians", "smoke", steps=1000)
     noise = bk.from_numpy(np.random.default_rng(1).normal(size=(1000, 2)))
     ref = reference("8gaussians", 1000)
 
@@ -321,4 +325,4 @@ def test_meanflow_converges_at_smoke_scale(name, monkeypatch):
     broken = one_step_w2(broken_state.ema)
     print(f"{name}: one-step W2 trained {trained:.3f}, broken target {broken:.3f}, untrained {untrained:.3f}")
     assert trained < 0.5 * broken, (trained, broken)
-    assert trained < 0.5 * untrained, (trained, untrained)
+    assert trained < 0.6 * untrained, (trained, untrained)
