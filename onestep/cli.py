@@ -47,8 +47,10 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one method on one data set; writes a run directory")
     t.add_argument("--method", required=True, choices=METHODS)
-    t.add_argument("--variant", help="the method's variant (cm: ict, ct, cd, sct, scd); default: the first")
+    t.add_argument("--variant", help="the method's variant (cm: ict, ct, cd, sct, scd; ayf: emd, lmd, emd+lmd); "
+                   "default: the first")
     t.add_argument("--teacher", help="distillation teacher: 'exact' (analytic data sets) or a trained fm run directory")
+    t.add_argument("--weak-teacher", help="ayf: a weaker fm run of the teacher (fewer steps) for autoguidance")
     t.add_argument("--backend", default="torch", choices=BACKENDS)
     t.add_argument("--dataset", required=True, choices=DATASETS)
     t.add_argument("--scale", default="smoke", choices=SCALES)
@@ -105,14 +107,15 @@ def _train(args) -> dict:
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
                                    ("ema_decay", args.ema_decay)) if v is not None}
     preset = run_preset(args.method, args.dataset, args.scale, conditional=args.conditional, variant=args.variant,
-                        **overrides)
+                        autoguided=args.weak_teacher is not None, **overrides)
     bk = get_backend(args.backend, device=args.device)
-    teacher = load_teacher(bk, args.teacher, preset, args.device)
+    teacher = load_teacher(bk, args.teacher, preset, args.device, weak=args.weak_teacher)
     make_loss(bk, preset.method_cfg, preset.train.steps, teacher)  # refuses a missing or unwanted teacher now
     run = RunDir(args.out, overwrite=args.overwrite, resume=args.resume)
     run.write_json("run.json", {"method": args.method, "variant": preset.variant, "dataset": args.dataset,
                                 "scale": args.scale, "backend": args.backend, "seed": args.seed,
                                 "conditional": args.conditional, "teacher": args.teacher,
+                                "weak_teacher": args.weak_teacher,
                                 "train_overrides": overrides, "preset": preset, "provenance": provenance(bk)})
     start = time.perf_counter()
     state, history, _ = fit(bk, preset, seed=args.seed, ckpt_path=run.file(CKPT), resume=args.resume,

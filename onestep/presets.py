@@ -14,7 +14,7 @@ from typing import Any
 
 from .backends.architectures import MLPConfig, UNetConfig
 from .data import DATASETS, dataset_info
-from .methods import check_variant, cm, ctm, fm, get_method, shortcut
+from .methods import ayf, check_variant, cm, ctm, fm, get_method, shortcut
 from .train import TrainConfig
 
 SCALES = ("smoke", "book", "full")
@@ -106,9 +106,11 @@ def _model(dataset: str, scale: Scale, n_cond: int, conditional: bool):
                       n_classes=n_classes)
 
 
-def _method_cfg(method: str, variant: str, dataset: str, scale: Scale, conditional: bool):
+def _method_cfg(method: str, variant: str, dataset: str, scale: Scale, conditional: bool, autoguided: bool = False):
     """The method's paper config with this book's deviations."""
     label_dropout = LABEL_DROPOUT if conditional else 0.0
+    if method == "ayf":
+        return _ayf_cfg(variant, label_dropout, autoguided)
     sigma_data = dataset_info(dataset).rms  # the papers' σ_d = 0.5 is the RMS of their images
     if method == "fm":
         return fm.Config(label_dropout=label_dropout)
@@ -131,6 +133,16 @@ def _method_cfg(method: str, variant: str, dataset: str, scale: Scale, condition
                            label_dropout=label_dropout)
 
 
+AUTOGUIDANCE = (1.0, 3.0)  # λ ~ U[1, 3] (a re-implementation's reading of the paper; unverified)
+
+
+def _ayf_cfg(variant: str, label_dropout: float, autoguided: bool) -> ayf.Config:
+    """Align Your Flow: the paper's tangent settings (c = 0.1, r_max = 0.99).  Our tangent warmup takes the
+    first 10% of the run (sCM's is 10k of 400k steps; AYF's length is not given)."""
+    return ayf.Config(variant=variant, warmup_fraction=0.1, label_dropout=label_dropout,
+                      guidance=AUTOGUIDANCE if autoguided else None)
+
+
 def _train(method: str, method_cfg, dataset: str, scale: Scale) -> TrainConfig:
     """The scale's optimisation settings with the method's target network, if it keeps one."""
     base = scale.train_2d if _is_2d(dataset) else scale.train_images
@@ -146,21 +158,25 @@ def _train(method: str, method_cfg, dataset: str, scale: Scale) -> TrainConfig:
 
 
 def run_preset(method: str, dataset: str, scale: str, conditional: bool = False, variant: str | None = None,
-               **train_overrides) -> RunPreset:
+               autoguided: bool = False, **train_overrides) -> RunPreset:
     """The settings for training ``method`` (``variant``: its default when None) on ``dataset`` at ``scale``;
-    ``train_overrides`` replace fields of the ``TrainConfig`` (e.g. ``steps``)."""
+    ``autoguided``: distil an autoguided teacher (ayf only); ``train_overrides`` replace fields of the
+    ``TrainConfig`` (e.g. ``steps``)."""
     module = get_method(method)
     variant = check_variant(method, variant)
+    if autoguided and method != "ayf":
+        raise ValueError(f"method {method!r} has no autoguidance; a weak teacher (--weak-teacher) is for --method ayf")
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; accepted: {', '.join(DATASETS)}")
     table = SCALE_TABLE[resolve_scale(scale)]
     if conditional and not dataset_info(dataset).n_classes:
         raise ValueError(f"dataset {dataset!r} has no labels; class-conditional training needs one of "
                          f"{', '.join(d for d in DATASETS if dataset_info(d).n_classes)}")
-    method_cfg = _method_cfg(method, variant, dataset, table, conditional)
+    method_cfg = _method_cfg(method, variant, dataset, table, conditional, autoguided)
     train = replace(_train(method, method_cfg, dataset, table), **train_overrides)
     two_d = _is_2d(dataset)
-    return RunPreset(method=method, dataset=dataset, model=_model(dataset, table, module.N_COND, conditional),
+    n_cond = module.n_cond(method_cfg) if hasattr(module, "n_cond") else module.N_COND  # AYF: +1 when guided
+    return RunPreset(method=method, dataset=dataset, model=_model(dataset, table, n_cond, conditional),
                      train=train, method_cfg=method_cfg, n_train=table.n_train_2d if two_d else None,
                      variant=variant, eval_steps=EVAL_STEPS.get(method, 1), eval_n=2000 if two_d else 1000)
 
@@ -296,8 +312,53 @@ def shortcut_chapter(scale: str) -> ShortcutChapter:
     return ShortcutChapter(runs=runs, image_sets=sets, **_sizes(scale), **per_scale)
 
 
+@dataclass(frozen=True)
+class AlignYourFlowChapter:
+    """Chapter 5: AYF distilled on 8gaussians (three objectives, two teachers), the step-count comparison with
+    CM and shortcut models, and autoguided class-conditional digits.  ``live`` runs train on every execution;
+    the rest form the study, trained for every seed in ``seeds`` when the chapter runs with ``study=True``."""
+
+    runs: dict = field(default_factory=dict)  # name -> RunPreset
+    teachers: dict = field(default_factory=dict)  # run -> "exact", an fm run's name, or (teacher, weak teacher)
+    live: tuple = ("emd",)
+    objectives: tuple = ("emd", "lmd", "emd+lmd")  # AYF runs with the exact teacher
+    seeds: tuple = (0, 1, 2)
+    n_eval: int = 2000  # samples for W2 and the mode statistics
+    n_map: int = 2000  # noise points of the flow-map error against the exact map
+    step_counts: tuple = (1, 2, 4, 8, 16)
+    teacher_steps: int = 32  # Heun steps of the FM teachers when they are scored or sampled
+    limit_gaps: tuple = (1e-1, 1e-2, 1e-3)  # t − s of the s → t limit check
+    guidance_scales: tuple = (1.0, 1.5, 2.0, 3.0)
+    image_step_counts: tuple = (1, 4)
+    n_images: int = 1000
+
+
+def align_your_flow_chapter(scale: str) -> AlignYourFlowChapter:
+    scale = resolve_scale(scale)
+    two_d = {"smoke": {"steps": 150}, "book": {}, "full": {}}[scale]
+    images = {"smoke": {"steps": 100}, "book": {}, "full": {}}[scale]
+    runs = {**{v: run_preset("ayf", "8gaussians", scale, variant=v, **two_d) for v in ayf.VARIANTS},
+            "fm_teacher": run_preset("fm", "8gaussians", scale, **two_d),
+            "cm": run_preset("cm", "8gaussians", scale, variant="cd", **two_d),
+            "shortcut": run_preset("shortcut", "8gaussians", scale, **two_d),
+            "digits_teacher": run_preset("fm", "digits", scale, conditional=True, **images),
+            "digits": run_preset("ayf", "digits", scale, conditional=True, autoguided=True, **images)}
+    runs["emd_fm"] = runs["emd"]
+    # the weak teacher: the same FM network after a fifth of the teacher's training (autoguidance's "fewer steps")
+    weak_steps = max(runs["digits_teacher"].train.steps // 5, 1)
+    runs["digits_weak"] = replace(runs["digits_teacher"], train=replace(runs["digits_teacher"].train, steps=weak_steps))
+    teachers = {**{v: "exact" for v in ayf.VARIANTS}, "emd_fm": "fm_teacher", "cm": "exact",
+                "digits": ("digits_teacher", "digits_weak")}
+    per_scale = {"smoke": {"seeds": (0,), "n_map": 300, "step_counts": (1, 2, 4), "teacher_steps": 8,
+                           "guidance_scales": (1.0, 3.0), "image_step_counts": (1,), "n_images": 300},
+                 "book": {}, "full": {"seeds": (0, 1, 2, 3, 4)}}[scale]
+    sizes = {k: v for k, v in _sizes(scale).items() if k != "n_images"}
+    return AlignYourFlowChapter(runs=runs, teachers=teachers, **{**sizes, **per_scale})
+
+
 CHAPTERS = {"flow_matching": flow_matching_chapter, "consistency_models": consistency_chapter,
-            "consistency_trajectory_models": consistency_trajectory_chapter, "shortcut_models": shortcut_chapter}
+            "consistency_trajectory_models": consistency_trajectory_chapter, "shortcut_models": shortcut_chapter,
+            "align_your_flow": align_your_flow_chapter}
 
 
 def chapter_preset(chapter: str, scale: str):

@@ -10,6 +10,7 @@ folder, whose checkpoint ``resume`` continues.
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import inspect
 import json
 import os
@@ -28,7 +29,7 @@ from .data import dataset_info, load
 from .files import atomic_write
 from .methods import get_method, make_loss
 from .presets import run_preset
-from .teachers import network_teacher, oracle_teacher
+from .teachers import autoguided_teacher, network_teacher, oracle_teacher
 from .train import as_model_input, init_state, train
 
 _PACKAGES = ("numpy", "scipy", "torch", "jax", "jaxlib", "equinox", "optax", "pot", "papermill")
@@ -194,7 +195,8 @@ def load_run(path: str, device: str = "auto", backend=None):
     """
     info = read_run(path)
     preset = run_preset(info["method"], info["dataset"], info["scale"], conditional=info["conditional"],
-                        variant=info.get("variant") or None, **info.get("train_overrides", {}))
+                        variant=info.get("variant") or None, autoguided=bool(info.get("weak_teacher")),
+                        **info.get("train_overrides", {}))
     recorded = info["preset"]
     for part in ("model", "method_cfg", "train"):
         saved, now = _fields(recorded[part]), _fields(getattr(preset, part))
@@ -212,20 +214,42 @@ def load_run(path: str, device: str = "auto", backend=None):
     return bk, state.ema, preset, info
 
 
-def load_teacher(bk, spec: str | None, preset, device: str = "auto"):
-    """The teacher named by ``spec``: None (no teacher), ``"exact"``, or the directory of a trained
-    ``fm`` run on the same data set and labels as ``preset``, trained with backend ``bk``."""
-    if spec is None:
-        return None
-    if spec == "exact":
-        return oracle_teacher(bk, preset.dataset)
+def _teacher_run(bk, spec: str, preset, device: str, role: str):
+    """The FM model of the run directory ``spec``, checked against the student's data set, labels and backend."""
     if not os.path.isdir(spec):
-        raise FileNotFoundError(f"teacher run directory {spec} does not exist; train one with "
+        raise FileNotFoundError(f"{role} run directory {spec} does not exist; train one with "
                                 f"python -m onestep train --method fm --dataset {preset.dataset} --out {spec}")
     _, model, teacher_preset, info = load_run(spec, device, backend=bk)
     if info["method"] != "fm":
-        raise ValueError(f"the teacher must be a flow-matching (fm) run; {spec} is a {info['method']!r} run")
+        raise ValueError(f"the {role} must be a flow-matching (fm) run; {spec} is a {info['method']!r} run")
     if info["dataset"] != preset.dataset or bool(teacher_preset.model.n_classes) != bool(preset.model.n_classes):
-        raise ValueError(f"teacher {spec} was trained on {info['dataset']!r} (conditional={info['conditional']}); "
+        raise ValueError(f"{role} {spec} was trained on {info['dataset']!r} (conditional={info['conditional']}); "
                          f"the student needs {preset.dataset!r} (conditional={bool(preset.model.n_classes)})")
     return network_teacher(bk, model)
+
+
+def load_teacher(bk, spec: str | None, preset, device: str = "auto", weak: str | None = None):
+    """The teacher named by ``spec``: None (no teacher), ``"exact"``, or the directory of a trained
+    ``fm`` run on the same data set and labels as ``preset``, trained with backend ``bk``.  ``weak`` names a
+    weaker fm run of the same kind for autoguidance (``teachers.autoguided_teacher``; an autoguided preset
+    needs one, any other refuses it)."""
+    guided = getattr(preset.method_cfg, "guidance", None) is not None
+    if weak is not None and not guided:
+        raise ValueError(f"a weak teacher ({weak}) is for autoguided distillation (--method ayf with "
+                         f"--weak-teacher); this {preset.method!r} preset is not autoguided")
+    if guided and weak is None:
+        raise ValueError("an autoguided preset distils v_weak + λ·(v − v_weak) and needs a weak teacher: pass "
+                         "--weak-teacher RUN_DIR, a flow-matching run weaker than the teacher (fewer steps)")
+    if spec is None:
+        if weak is not None:
+            raise ValueError(f"a weak teacher ({weak}) needs a teacher to guide; pass --teacher too")
+        return None
+    strong = oracle_teacher(bk, preset.dataset) if spec == "exact" else _teacher_run(bk, spec, preset, device,
+                                                                                   "teacher")
+    if weak is None:
+        return strong
+    if spec != "exact" and (os.path.realpath(spec) == os.path.realpath(weak) or filecmp.cmp(
+            os.path.join(spec, CKPT), os.path.join(weak, CKPT), shallow=False)):
+        raise ValueError(f"the weak teacher {weak} is the teacher {spec} itself (same weights); autoguidance "
+                         "needs a weaker checkpoint of it (fewer training steps or a smaller network)")
+    return autoguided_teacher(strong, _teacher_run(bk, weak, preset, device, "weak teacher"))

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-METHODS = ("fm", "cm", "ctm", "shortcut")
+METHODS = ("fm", "cm", "ctm", "shortcut", "ayf")
 
 # A teacher is a velocity field ``(z, t, y) -> v`` on backend arrays (``onestep.teachers``).
 Teacher = Callable[[Any, Any, Any], Any]
