@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backends.embedding import EMBEDDING_TIME_SCALE
-from ..paths import expand, interpolate
+from ..paths import LINEAR, expand
 from ..times import TIME_SAMPLERS, sample_times
 from .flowmap import check_jump, condition_labels, jump, label_dropout, sample_jumps, uniform_times
 
@@ -228,7 +228,7 @@ def loss_from_draws(bk, cfg: Config, model, target, batch: dict, draws: dict, te
     x0, t, s, lmd = batch["x"], draws["t"], draws["s"], draws["lmd"]
     y = condition_labels(bk, model, batch.get("y"), draws.get("drop"))
     guidance = draws.get("guidance")
-    z = interpolate(x0, draws["x1"], t)
+    z = LINEAR.sample(xp, x0, draws["x1"], t)
 
     def F(zz, tt, ss):
         return average_velocity(bk, model, cfg, zz, ss, tt, y, guidance)
