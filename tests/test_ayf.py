@@ -97,7 +97,8 @@ def test_emd_at_s_zero_is_the_continuous_time_consistency_gradient():
         t = float(t_from_tau(np, tau, sd))
         x0, x1 = bk.from_numpy(x0s[i:i + 1]), bk.from_numpy(x1s[i:i + 1])
         draws = {"noise": x1, "tau": bk.from_numpy(np.array([tau])), "warmup": bk.from_numpy(np.asarray(1.0))}
-        _, aux, g_scd = bk.value_and_grad(lambda m: cm.continuous_loss(bk, cfg_s, m, {"x": x0}, draws, teacher), net)
+        _, aux, g_scd = bk.value_and_grad(
+            lambda m, x0=x0, draws=draws: cm.continuous_loss(bk, cfg_s, m, {"x": x0}, draws, teacher), net)
 
         def emd(m, t=t, x0=x0, x1=x1):
             def F(z, tt, ss):
@@ -229,7 +230,7 @@ def _teacher(bk, guided):
 @pytest.mark.parametrize("variant", ayf.VARIANTS)
 def test_loss_and_gradient_parity(pair, guided_pair, variant, guided):
     cfg = config(variant, label_dropout=0.3, guidance=(1.0, 3.0) if guided else None, lmd_weight=0.5)
-    z, _, x0, _ = points(12, seed=7)
+    _, _, x0, _ = points(12, seed=7)
     y = np.arange(12) % NET.n_classes
 
     def loss(bk, model, ema):

@@ -35,7 +35,9 @@ fixed share of rows at the borders s = t (flow matching) and s = 0 (consistency)
 position (the paper's interval sampler is not published; re-implementations disagree); the warmup
 length is ours (the paper's is not given); the tangent normalisation and warmup are applied to LMD
 rows exactly as to EMD rows; EMD+LMD splits rows instead of evaluating both losses on every row (same
-expectation, one JVP); no adversarial fine-tuning.
+expectation, one JVP); the network sees 10·t, not the embedding's 1000·t (``TIME_INPUT``); the λ range
+U[1, 3] and λ as a student input follow a re-implementation (``presets.AUTOGUIDANCE``); no adversarial
+fine-tuning and no stochastic sampling.
 """
 from __future__ import annotations
 
