@@ -3,6 +3,7 @@ consistency gradient; s → t: flow matching), the exact map as a fixed point of
 backend parity of every variant (guided too), the draws, convergence at smoke scale, bad input."""
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -15,6 +16,7 @@ from onestep.conventions import t_from_tau
 from onestep.data import oracle
 from onestep.evaluation import reference
 from onestep.methods import ayf, cm, make_loss
+from onestep.notebooks import ROOT, execute
 from onestep.presets import run_preset
 from onestep.runs import fit, load_teacher
 from onestep.teachers import autoguided_teacher, oracle_teacher
@@ -351,3 +353,17 @@ def test_autoguidance_presets_and_teachers():
         load_teacher(bk, "exact", run_preset("ayf", "8gaussians", "smoke", autoguided=True))
     with pytest.raises(ValueError, match="a weak teacher \\(somewhere\\) is for autoguided distillation"):
         load_teacher(bk, "exact", run_preset("ayf", "8gaussians", "smoke"), weak="somewhere")
+
+
+@pytest.mark.slow
+def test_the_chapter_study_runs_at_smoke_scale(tmp_path):
+    """The chapter's study mode (every run, every seed of the preset) works end to end and saves its numbers;
+    a normal build only reads the committed study, so this is what keeps that code path alive."""
+    out = tmp_path / "study"
+    execute(ROOT / "book" / "05_align_your_flow.md", {"backend": "torch", "scale": "smoke", "study": True,
+                                                       "out_dir": str(out)}, tmp_path / "study.ipynb")
+    study = json.loads((out / "study.json").read_text())
+    (seed_results,) = study["per_seed"].values()
+    assert set(seed_results["two_d"]) == {"fm_teacher", *ayf.VARIANTS, "emd_fm", "cm", "shortcut"}
+    assert all(np.isfinite(row["w2_1"]) for name, row in seed_results["two_d"].items() if name != "fm_teacher")
+    assert {row["model"] for row in seed_results["digits"]} >= {"teacher, CFG", "teacher, autoguided"}
