@@ -83,6 +83,7 @@ class RunPreset:
     variant: str = ""  # the method's variant (e.g. cm: ict, ct, cd, sct, scd)
     eval_steps: int = 1  # sampler steps of the CLI's evaluation
     eval_n: int = 2000  # samples of the CLI's evaluation
+    periodic_eval_n: int = 1000  # samples of each evaluation during training (every ``train.eval_every`` steps)
 
 
 def _is_2d(dataset: str) -> bool:
