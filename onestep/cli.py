@@ -19,7 +19,7 @@ from .data import DATASETS
 from .methods import METHODS
 from .ode import SOLVERS
 from .presets import SCALES
-from .train import Interrupted
+from .train import Interrupted, NonFiniteLoss
 
 INTERRUPTED = 75  # exit status of a run stopped by SIGTERM/SIGINT after its checkpoint (EX_TEMPFAIL: retry)
 
@@ -100,7 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.add_argument("--seed", type=non_negative_int, default=0)
     b.add_argument("--device", default="auto")
-    b.add_argument("--overwrite", action="store_true")
+    g = b.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true", help="run every chapter again, replacing finished ones")
+    g.add_argument("--resume", action="store_true",
+                   help="skip chapters whose run directory is finished; continue the others from their checkpoints")
     return p
 
 
@@ -185,6 +188,9 @@ def _evaluate(args) -> None:
 
 
 def _batch(args) -> None:
+    import shutil
+    import tempfile
+
     from .notebooks import chapter_name, chapters, execute
 
     available = {chapter_name(p): p for p in chapters()}
@@ -192,24 +198,41 @@ def _batch(args) -> None:
     unknown = [c for c in names if c not in available]
     if unknown:
         raise ValueError(f"unknown chapter(s) {', '.join(unknown)}; accepted: {', '.join(available)}")
-    for name in names:
-        out = os.path.join(args.out, f"{name}-{args.backend}-{args.scale}")
-        if os.path.exists(out) and not args.overwrite:
-            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    for name in names:
-        out = os.path.abspath(os.path.join(args.out, f"{name}-{args.backend}-{args.scale}"))
+    outs = {name: os.path.abspath(os.path.join(args.out, f"{name}-{args.backend}-{args.scale}")) for name in names}
+    if not (args.overwrite or args.resume):
+        done = [out for out in outs.values() if os.path.exists(out)]
+        if done:
+            raise FileExistsError(f"{done[0]} already exists; pass --overwrite to replace it or --resume to skip "
+                                  "finished chapters")
+    main_process = _process_index() == 0
+    for name, out in outs.items():
+        if args.resume and os.path.exists(out):
+            print(f"{name}: finished earlier -> {out}")
+            continue
+        if not args.resume and main_process and os.path.exists(out + ".partial"):
+            shutil.rmtree(out + ".partial")  # a fresh start: the chapter would resume from these checkpoints
         params = {"backend": args.backend, "scale": args.scale, "seed": args.seed,
                   "out_dir": out, "device": args.device}
+        # every data-parallel process runs the chapter; process 0 keeps the executed notebook
+        notebook = out + ".ipynb" if main_process else os.path.join(tempfile.mkdtemp(), f"{name}.ipynb")
         start = time.perf_counter()
-        execute(available[name], params, out + ".ipynb", cwd=os.path.dirname(os.path.abspath(available[name])))
+        execute(available[name], params, notebook, cwd=os.path.dirname(os.path.abspath(available[name])))
         print(f"{name}: {time.perf_counter() - start:.0f} s -> {out}")
+
+
+def _process_index() -> int:
+    """This process's index in a torchrun or multi-host JAX launch (0 when launched alone)."""
+    from .backends.distributed import jax_cluster_env, torchrun_env
+
+    torch_cluster, jax_cluster = torchrun_env(), jax_cluster_env()
+    return torch_cluster[0] if torch_cluster else jax_cluster[2] if jax_cluster else 0
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         {"train": _train, "sample": _sample, "evaluate": _evaluate, "batch": _batch}[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
