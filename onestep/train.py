@@ -55,6 +55,7 @@ class TrainConfig:
     log_every: int = 100
     ckpt_every: int = 0  # 0: only at the end (when a checkpoint path is given)
     eval_every: int = 0  # steps between evaluations during the run (0: none; see ``train``'s ``evaluate``)
+    mixed_precision: bool = False  # bf16 autocast of the loss outside JVPs (torch); JAX trains in float32
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every"):
@@ -209,4 +210,5 @@ def init_state(bk, model_cfg, cfg: TrainConfig, seed: int):
     and the optimiser of ``cfg``."""
     ema_decay, target_decay = cfg.decays()
     return bk.init_train_state(bk.make_model(model_cfg, run_keys(bk, seed)[0]), lr=cfg.lr, ema_decay=ema_decay,
-                               target_decay=target_decay, grad_clip=cfg.grad_clip)
+                               target_decay=target_decay, grad_clip=cfg.grad_clip,
+                               mixed_precision=cfg.mixed_precision)

@@ -57,6 +57,7 @@ class TrainState:
     target_decay: EMADecay | None
     grad_clip: float | None  # global gradient-norm bound (None: no clipping)
     step: int = 0
+    mixed_precision: bool = False  # torch: the loss runs under bf16 autocast, JVPs in float32; JAX: ignored
     # what the run logged so far, saved with every checkpoint so that a resumed run keeps it:
     history: list = field(default_factory=list)  # (step, loss) every ``log_every`` steps
     evals: list = field(default_factory=list)  # {"step": ..., metric: value} of periodic evaluations
@@ -101,7 +102,7 @@ class Backend(Protocol):
 
     # -- training -------------------------------------------------------------
     def init_train_state(self, model: Any, lr: float, ema_decay: EMADecay, target_decay: EMADecay | None = None,
-                         grad_clip: float | None = None) -> TrainState: ...
+                         grad_clip: float | None = None, mixed_precision: bool = False) -> TrainState: ...
     def train_step(self, loss_fn: LossFn, state: TrainState, data: dict, idx: np.ndarray,
                    key: Any) -> tuple[TrainState, Any, dict]: ...
     def save(self, state: TrainState, path: str) -> None: ...

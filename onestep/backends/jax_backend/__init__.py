@@ -163,7 +163,9 @@ class JaxBackend(CompileCache):
         return eqx.filter_jit(fn)
 
     # -- training -------------------------------------------------------------
-    def init_train_state(self, model, lr: float, ema_decay, target_decay=None, grad_clip: float | None = None):
+    def init_train_state(self, model, lr: float, ema_decay, target_decay=None, grad_clip: float | None = None,
+                         mixed_precision: bool = False):
+        # mixed_precision is torch's autocast; JAX trains in float32 (XLA picks the GPU matmul precision)
         opt = optax.adam(lr)
         if grad_clip:
             opt = optax.chain(optax.clip_by_global_norm(grad_clip), opt)

@@ -96,7 +96,9 @@ class TorchBackend(CompileCache):
     def jvp(self, fn: Callable, primals: tuple, tangents: tuple):
         # The primal output keeps the autograd graph of the primal computation (torch.func.jvp
         # records it), so gradients to the parameters flow through it; the tangent is detached.
-        out, tangent = torch.func.jvp(fn, primals, tangents)
+        # Always in full precision: a tangent in bf16 is too coarse (mixed-precision runs autocast the rest).
+        with torch.autocast(self.device.type, enabled=False):
+            out, tangent = torch.func.jvp(fn, primals, tangents)
         return out, tangent.detach()
 
     def stop_gradient(self, x):
@@ -146,21 +148,23 @@ class TorchBackend(CompileCache):
         return no_grad
 
     # -- training -------------------------------------------------------------
-    def init_train_state(self, model, lr: float, ema_decay, target_decay=None, grad_clip: float | None = None):
+    def init_train_state(self, model, lr: float, ema_decay, target_decay=None, grad_clip: float | None = None,
+                         mixed_precision: bool = False):
         def average():
             return copy.deepcopy(model).requires_grad_(False)
         # fused: one kernel for all parameters (the per-tensor loop dominates small models)
         opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
         return TrainState(model=model, ema=average(), target=None if target_decay is None else average(),
                           optimizer=opt, opt_state=None, ema_decay=ema_decay, target_decay=target_decay,
-                          grad_clip=grad_clip)
+                          grad_clip=grad_clip, mixed_precision=mixed_precision)
 
     def train_step(self, loss_fn, state: TrainState, data: dict, idx, key):
         model, opt = state.model, state.optimizer
         idx = torch.as_tensor(idx, device=self.device)
         batch = {k: None if v is None else v[idx] for k, v in data.items()}
         opt.zero_grad(set_to_none=True)
-        loss, aux = loss_fn(model, state.target_net, batch, self.fold_in(key, state.step), state.step)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=state.mixed_precision):
+            loss, aux = loss_fn(model, state.target_net, batch, self.fold_in(key, state.step), state.step)
         loss.backward()
         if self.topology.world_size > 1:
             loss, aux = self._average_over_workers(model, loss, aux)
