@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -65,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=positive_int, help="override the preset's number of training steps")
     t.add_argument("--batch-size", type=positive_int, help="override the preset's batch size")
     t.add_argument("--ema-decay", type=float, help="override the decay of the EMA the samples come from")
+    t.add_argument("--eval-n", type=positive_int, help="override the number of samples of the final evaluation")
+    t.add_argument("--eval-every", type=non_negative_int,
+                   help="override the steps between evaluations during training (0: none)")
     t.add_argument("--device", default="auto")
     t.add_argument("--devices", type=devices_arg, default="all",
                    help="JAX: how many devices to train on, data-parallel (default: all); torch: one per process, "
@@ -113,12 +117,24 @@ def _train(args) -> dict:
     from .backends.distributed import check_batch
     from .methods import make_loss
     from .presets import run_preset
-    from .runs import CKPT, RunDir, evaluate_samples, fit, load_teacher, provenance, sample_run, training_data
+    from .runs import (
+        CKPT,
+        RunDir,
+        evaluate_samples,
+        fit,
+        load_teacher,
+        provenance,
+        sample_run,
+        throughput,
+        training_data,
+    )
 
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
-                                   ("ema_decay", args.ema_decay)) if v is not None}
+                                   ("ema_decay", args.ema_decay), ("eval_every", args.eval_every)) if v is not None}
     preset = run_preset(args.method, args.dataset, args.scale, conditional=args.conditional, variant=args.variant,
                         **overrides)
+    if args.eval_n:
+        preset = replace(preset, eval_n=args.eval_n)
     bk = get_backend(args.backend, device=args.device, devices=args.devices)
     check_batch(preset.train.batch_size, bk.topology.world_size)
     data = training_data(preset, args.seed)  # a missing data folder stops here, before anything is written
@@ -132,13 +148,14 @@ def _train(args) -> dict:
             run.check_resume(record)
         run.write_json("run.json", record)
         bk.barrier()  # the other processes read the checkpoint only once process 0 has staged the run
-        start = time.perf_counter()
+        start, timing = time.perf_counter(), []
         state, history, _ = fit(bk, preset, seed=args.seed, ckpt_path=run.file(CKPT), resume=args.resume,
-                                teacher=teacher, data=data)
+                                teacher=teacher, data=data, timing=timing)
         seconds = time.perf_counter() - start
         samples, labels = sample_run(bk, state.ema, preset, n=preset.eval_n, seed=args.seed, steps=preset.eval_steps)
         metrics = {"train_seconds": seconds, "steps": state.step, "final_loss": history[-1][1],
                    "loss_history": history, "evals": state.evals,
+                   "throughput": throughput(timing, preset.train.batch_size, bk),
                    "eval": {"steps": preset.eval_steps, "n": preset.eval_n,
                             **evaluate_samples(args.dataset, samples, labels, bk.topology.is_main)}}
         run.write_json("metrics.json", metrics)
@@ -171,8 +188,8 @@ def _read_noise(path: str) -> np.ndarray:
         noise = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
         raise ValueError(f"noise file {path} is not a .npy array of floats ({e})") from None
-    if not isinstance(noise, np.ndarray):
-        raise ValueError(f"noise file {path} holds {type(noise).__name__}, not one array; save it with numpy.save")
+    if not isinstance(noise, np.ndarray):  # a .npz archive: a ValueError like every other bad input here
+        raise ValueError(f"noise file {path} holds {type(noise).__name__}, not one array; save it with numpy.save")  # noqa: TRY004
     return noise
 
 

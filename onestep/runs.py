@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from importlib import metadata
+from typing import Self
 
 import numpy as np
 
@@ -106,7 +107,7 @@ class RunDir:
             shutil.copytree(self.path, self.staging)
         os.makedirs(self.staging, exist_ok=True)
 
-    def __enter__(self) -> RunDir:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
@@ -177,13 +178,13 @@ def training_data(preset, seed: int):
 
 
 def fit(bk, preset, seed: int = 0, ckpt_path: str | None = None, resume: bool = False,
-        progress: bool | None = None, data=None, teacher=None, evaluate: bool = True):
+        progress: bool | None = None, data=None, teacher=None, evaluate: bool = True, timing: list | None = None):
     """Build the data, model and loss of a ``RunPreset`` and train it.
 
     ``teacher`` is a velocity field ``(z, t, y) -> v`` for distillation methods (see
     ``onestep.teachers``).  With ``evaluate`` and ``preset.train.eval_every`` set, the EMA model is
-    scored every ``eval_every`` steps (``state.evals``).  Returns ``(state, history, data)``;
-    ``data`` is the training set used.
+    scored every ``eval_every`` steps (``state.evals``); ``timing`` see ``train.train``.  Returns
+    ``(state, history, data)``; ``data`` is the training set used.
     """
     if data is None:
         data = training_data(preset, seed)
@@ -197,8 +198,19 @@ def fit(bk, preset, seed: int = 0, ckpt_path: str | None = None, resume: bool = 
         return evaluate_samples(preset.dataset, samples, labels, bk.topology.is_main)
 
     state, history = train(bk, loss_fn, state, data, preset.train, seed, ckpt_path=ckpt_path, resume=resume,
-                           progress=progress, evaluate=score if evaluate else None)
+                           progress=progress, evaluate=score if evaluate else None, timing=timing)
     return state, history, data
+
+
+def throughput(timing: list, batch_size: int, bk) -> dict:
+    """Steps and images per second between the first and the last logged step (so the compilation and
+    warm-up before the first log are left out), and the peak accelerator memory of this process."""
+    out = {"peak_memory_gb": None if bk.peak_memory() is None else bk.peak_memory() / 2**30}
+    if len(timing) >= 2:
+        (s0, t0), (s1, t1) = timing[0], timing[-1]
+        out["steps_per_second"] = (s1 - s0) / (t1 - t0)
+        out["images_per_second"] = out["steps_per_second"] * batch_size
+    return out
 
 
 def evaluate_samples(dataset: str, samples, labels, main: bool = True) -> dict:

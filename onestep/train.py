@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -128,14 +129,16 @@ def _save(bk, state, ckpt_path: str) -> None:
 
 
 def train(bk, loss_fn, state, data, cfg: TrainConfig, seed: int, ckpt_path: str | None = None,
-          resume: bool = False, progress: bool | None = None, evaluate: Callable | None = None):
+          resume: bool = False, progress: bool | None = None, evaluate: Callable | None = None,
+          timing: list | None = None):
     """Run ``cfg.steps`` optimisation steps; returns ``(state, history)``.
 
     ``data`` is a ``data.Data``: ``x`` (numpy, float) and ``y`` (int labels or None).  The data set is
     moved to the device once; minibatches are gathered there.  ``history`` (also ``state.history``)
     holds ``(step, loss)`` at every ``log_every`` steps; ``evaluate(state) -> dict``, when given, runs
     every ``eval_every`` steps and its results go to ``state.evals``.  With ``resume`` and an existing
-    checkpoint at ``ckpt_path`` the run continues from it, history included.
+    checkpoint at ``ckpt_path`` the run continues from it, history included.  ``timing``, when given,
+    receives ``(step, time.perf_counter())`` at every logged step (throughput without compilation).
     """
     check_batch(cfg.batch_size, bk.topology.world_size)
     if resume and ckpt_path and os.path.exists(ckpt_path):
@@ -157,6 +160,8 @@ def train(bk, loss_fn, state, data, cfg: TrainConfig, seed: int, ckpt_path: str 
                                         f"last good checkpoint kept at {ckpt_path or '(none written)'}")
                 state.history.append((done, value))
                 bar.set_postfix(loss=f"{value:.4f}")
+                if timing is not None:
+                    timing.append((done, time.perf_counter()))
             if evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0:
                 state.evals.append({"step": done, **evaluate(state)})
             if ckpt_path and cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.steps:

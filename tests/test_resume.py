@@ -60,27 +60,26 @@ def reference(request, tmp_path_factory):
     return request.param, str(out)
 
 
-def start(backend: str, out) -> subprocess.Popen:
+def interrupt(backend: str, out, sig: signal.Signals, timeout: float = 300) -> tuple[int, str]:
+    """Start a training run in a subprocess, send it ``sig`` as soon as its first checkpoint exists
+    (mid-run), and return its exit status and stderr."""
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "ONESTEP_PROGRESS": "0"}
-    return subprocess.Popen([sys.executable, "-m", "onestep", *args(backend, out)], env=env, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "onestep", *args(backend, out)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_checkpoint(proc: subprocess.Popen, path: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
+    while not os.path.exists(os.path.join(str(out) + ".partial", CKPT)):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.005)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
 
 
 def test_sigkill_mid_run_then_resume_is_bitwise(reference, tmp_path):
     backend, ref = reference
     out = tmp_path / "run"
-    proc = start(backend, out)
-    wait_for_checkpoint(proc, str(out) + ".partial/" + CKPT)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    interrupt(backend, out, signal.SIGKILL)
     assert not out.exists()  # killed before it finished
     _, killed = final_state(str(out) + ".partial")
     assert 0 < killed.step < 3000 and killed.history  # mid-run, with its loss history
@@ -92,11 +91,8 @@ def test_sigkill_mid_run_then_resume_is_bitwise(reference, tmp_path):
 def test_sigterm_writes_a_checkpoint_and_exits_with_a_message(reference, tmp_path):
     backend, ref = reference
     out = tmp_path / "run"
-    proc = start(backend, out)
-    wait_for_checkpoint(proc, str(out) + ".partial/" + CKPT)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == cli.INTERRUPTED, err
+    status, err = interrupt(backend, out, signal.SIGTERM)
+    assert status == cli.INTERRUPTED, err
     _, stopped = final_state(str(out) + ".partial")
     assert f"interrupted: stopped by SIGTERM after step {stopped.step} of 3000" in err and "--resume" in err
     assert cli.main(args(backend, out, "--resume")) == 0
@@ -116,16 +112,24 @@ def test_resume_after_the_last_step_or_during_evaluation(reference, tmp_path, ke
     assert_same_run(ref, str(out))
 
 
+def contents(folder: str) -> dict:
+    out = {}
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
 @pytest.mark.parametrize("change, named", [(["--seed", "1"], "seed=0"), (["--method", "cm", "--variant", "sct"],
                                                                          "method='fm'")])
 def test_resume_with_other_settings_is_refused(reference, tmp_path, capsys, change, named):
     backend, ref = reference
     staged = str(tmp_path / "run") + ".partial"
     shutil.copytree(ref, staged)
-    before = {f: open(os.path.join(staged, f), "rb").read() for f in os.listdir(staged)}
+    before = contents(staged)
     assert cli.main([*args(backend, tmp_path / "run", "--resume"), *change]) == 2
     assert named in capsys.readouterr().err
-    assert {f: open(os.path.join(staged, f), "rb").read() for f in os.listdir(staged)} == before
+    assert contents(staged) == before
 
 
 def test_resume_on_another_world_size_is_refused(reference, tmp_path, capsys):

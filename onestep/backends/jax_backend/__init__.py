@@ -267,6 +267,12 @@ class JaxBackend(CompileCache):
             return a
         return np.asarray(multihost_utils.process_allgather(np.asarray(a))).sum(axis=0)
 
+    def peak_memory(self) -> int | None:
+        if self.device.platform == "cpu":
+            return None
+        stats = self.device.memory_stats() or {}
+        return stats.get("peak_bytes_in_use")
+
     def any_process(self, flag: bool) -> bool:
         return bool(self.sum_over_processes(np.asarray([float(flag)]))[0] > 0)
 

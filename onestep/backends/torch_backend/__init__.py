@@ -263,6 +263,9 @@ class TorchBackend(CompileCache):
         dist.all_reduce(t)
         return t.cpu().numpy()
 
+    def peak_memory(self) -> int | None:
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+
     def any_process(self, flag: bool) -> bool:
         return bool(self.sum_over_processes(np.asarray([float(flag)]))[0] > 0)
 
