@@ -90,11 +90,11 @@ def main() -> None:
     p.add_argument("--fid-n", type=int, default=10_000, help="samples of the FID after the short run")
     p.add_argument("--batch-size", type=int, help="global batch (default: the preset's)")
     p.add_argument("--dry-run", action="store_true",
-                   help="CPU check of this script: smoke scale, 8gaussians, 20 steps, 2 host devices / processes")
+                   help="CPU check of this script: smoke scale, 8gaussians, 150 steps, 2 host devices / processes")
     args = p.parse_args()
     args.scale = "full"
     if args.dry_run:
-        args.scale, args.dataset, args.steps, args.fid_n = "smoke", "8gaussians", 20, 500
+        args.scale, args.dataset, args.steps, args.fid_n = "smoke", "8gaussians", 150, 500
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for backend in args.backends.split(","):

@@ -98,7 +98,7 @@ class Chapter:
         results = {**self.params, **results, "chapter_seconds": self.seconds()}
         if self.run:
             self.run.write_json("run.json", {"chapter": self.name, "params": self.params, "preset": self.preset,
-                                             "provenance": provenance(self.bk)})
+                                             **self.bk.topology.record(), "provenance": provenance(self.bk)})
             self.run.write_json("metrics.json", results)
             print("wrote", self.run.commit())
         print(f"chapter ran in {results['chapter_seconds']:.0f} s ({self.params['backend']}, {self.scale})")

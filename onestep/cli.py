@@ -234,7 +234,8 @@ def _batch(args) -> None:
         notebook = out + ".ipynb" if main_process else os.path.join(tempfile.mkdtemp(), f"{name}.ipynb")
         start = time.perf_counter()
         execute(available[name], params, notebook, cwd=os.path.dirname(os.path.abspath(available[name])))
-        print(f"{name}: {time.perf_counter() - start:.0f} s -> {out}")
+        if main_process:
+            print(f"{name}: {time.perf_counter() - start:.0f} s -> {out}")
 
 
 def _process_index() -> int:

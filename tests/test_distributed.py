@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from parity import TOL
 from onestep import BACKENDS, get_backend
 from onestep.backends.distributed import Topology, check_batch, local_rows
 from onestep.cli import main
+from onestep.runs import load_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "data_parallel_worker.py")
@@ -63,8 +65,38 @@ def test_two_workers_train_to_the_weights_of_one(backend, tmp_path):
             assert fresh > 0  # the weights are not all zero: the comparison compares something
 
 
+def test_jax_on_two_hosts_trains_to_the_weights_of_one(tmp_path):
+    """Two JAX processes joined by ``jax.distributed`` (gloo collectives on CPU, one device each), as two
+    hosts would be: the multi-host path (global arrays, cross-process gathers) gives the same weights."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "ONESTEP_PROGRESS": "0",
+           "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}", "JAX_NUM_PROCESSES": "2",
+           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+    out = str(tmp_path / "hosts.npz")
+    procs = [subprocess.Popen([sys.executable, WORKER, "jax", out if i == 0 else out + f".{i}"],
+                              env={**env, "JAX_PROCESS_ID": str(i)}, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    with open(out + ".json") as f:
+        assert json.load(f) | {"devices": None} == {"world_size": 2, "processes": 2, "devices": None}
+    two = dict(np.load(out))
+    one = {f"float64/{k}": v for k, v in train_cases(get_backend("jax", precision="float64")).items()}
+    for case in CASES:
+        diff = max_difference(one, two, f"float64/{case}/")
+        print(f"jax, 2 processes, float64 {case}: max |w(2) - w(1)| = {diff:.3g}")
+        assert diff <= TOL
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
 def cli_weights(run: str, backend: str) -> dict:
-    return get_backend(backend).get_params(__import__("onestep.runs", fromlist=["load_run"]).load_run(run)[1])
+    bk, ema, _, _ = load_run(run)
+    assert bk.name == backend
+    return bk.get_params(ema)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
