@@ -109,23 +109,31 @@ class Backend(Protocol):
     def load(self, state: TrainState, path: str) -> TrainState: ...
 
     # -- data parallelism (``distributed``) -------------------------------------
-    topology: Topology
+    topology: Topology  # world size, this process's rank, the devices
 
     def local_rows(self, tree: dict, n: int) -> dict:
         """This worker's rows of every per-row array of a global batch of ``n`` rows (JAX: all of them)."""
+
     def batch_statistic(self, x: Any) -> Any:
         """A mean over this worker's rows -> the same mean over the global batch, under stop-gradient."""
+
     def local_key(self, key: Any) -> Any:
         """The key of this worker's own draws when sampling its block of rows (``scatter_rows``)."""
+
     def scatter_rows(self, x: Any) -> Any:
         """Rows ``(n, ...)`` -> what this worker samples or evaluates (padded to a multiple of the workers)."""
+
     def gather_rows(self, x: Any, n: int) -> np.ndarray:
         """Inverse of ``scatter_rows``: the first ``n`` rows of the whole array, on every process."""
-    def sum_over_processes(self, a: np.ndarray) -> np.ndarray: ...
+
+    def any_process(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any process (every process must call it)."""
+
+    def barrier(self) -> None:
+        """Wait until every process gets here."""
+
     def peak_memory(self) -> int | None:
         """Peak bytes allocated on this process's (first) accelerator so far; None on a CPU."""
-    def any_process(self, flag: bool) -> bool: ...
-    def barrier(self) -> None: ...
 
 
 class CompileCache:

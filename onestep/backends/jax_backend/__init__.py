@@ -262,7 +262,7 @@ class JaxBackend(CompileCache):
     def gather_rows(self, x, n: int) -> np.ndarray:
         return self.to_numpy(x)[:n]
 
-    def sum_over_processes(self, a: np.ndarray) -> np.ndarray:
+    def _sum_over_processes(self, a: np.ndarray) -> np.ndarray:
         if self.topology.processes == 1:
             return a
         return np.asarray(multihost_utils.process_allgather(np.asarray(a))).sum(axis=0)
@@ -274,7 +274,7 @@ class JaxBackend(CompileCache):
         return stats.get("peak_bytes_in_use")
 
     def any_process(self, flag: bool) -> bool:
-        return bool(self.sum_over_processes(np.asarray([float(flag)]))[0] > 0)
+        return bool(self._sum_over_processes(np.asarray([float(flag)]))[0] > 0)
 
     def barrier(self) -> None:
         if self.topology.processes > 1:

@@ -256,7 +256,7 @@ class TorchBackend(CompileCache):
         dist.all_gather(parts, x.contiguous())
         return self.to_numpy(torch.cat(parts))[:n]
 
-    def sum_over_processes(self, a: np.ndarray) -> np.ndarray:
+    def _sum_over_processes(self, a: np.ndarray) -> np.ndarray:
         if self.topology.world_size == 1:
             return a
         t = torch.as_tensor(np.ascontiguousarray(a), device=self.device)
@@ -267,7 +267,7 @@ class TorchBackend(CompileCache):
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
 
     def any_process(self, flag: bool) -> bool:
-        return bool(self.sum_over_processes(np.asarray([float(flag)]))[0] > 0)
+        return bool(self._sum_over_processes(np.asarray([float(flag)]))[0] > 0)
 
     def barrier(self) -> None:
         if self.topology.world_size > 1:
