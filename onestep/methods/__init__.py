@@ -93,6 +93,8 @@ def make_loss(bk, cfg, total_steps: int, teacher: Teacher | None = None):
         raise ValueError(f"total_steps must be a positive integer (the run's length), got {total_steps!r}")
 
     def loss_fn(model, target, batch, key, step):
+        # the draws of the whole (global) batch, then this data-parallel worker's rows of both
         draws = method.draw(bk, cfg, key, batch, step, total_steps)
-        return method.loss_from_draws(bk, cfg, model, target, batch, draws, teacher)
+        rows = bk.local_rows({"batch": batch, "draws": draws}, batch["x"].shape[0])
+        return method.loss_from_draws(bk, cfg, model, target, rows["batch"], rows["draws"], teacher)
     return loss_fn
