@@ -50,12 +50,16 @@ class Scale:
 # decay**n of the average (0.999 over 2000 steps left 14% and ruined samples).
 SCALE_TABLE = {
     "smoke": Scale(mlp_2d=(64, 2), mlp_digits=(128, 2), unet_base=16,
-                   train_2d=TrainConfig(steps=400, batch_size=256, lr=3e-3, ema_decay=0.99, log_every=50),
-                   train_images=TrainConfig(steps=400, batch_size=256, lr=3e-3, ema_decay=0.99, log_every=50),
+                   train_2d=TrainConfig(steps=400, batch_size=256, lr=3e-3, ema_decay=0.99, log_every=50,
+                                        ckpt_every=100),
+                   train_images=TrainConfig(steps=400, batch_size=256, lr=3e-3, ema_decay=0.99, log_every=50,
+                                            ckpt_every=100),
                    n_train_2d=20_000, n_eval=500, n_map=300, n_images=300, ict_n_end=80, target_ema=0.99),
     "book": Scale(mlp_2d=(128, 3), mlp_digits=(256, 3), unet_base=None,
-                  train_2d=TrainConfig(steps=3000, batch_size=512, lr=2e-3, ema_decay=0.998, log_every=250),
-                  train_images=TrainConfig(steps=2000, batch_size=256, lr=2e-3, ema_decay=0.995, log_every=250),
+                  train_2d=TrainConfig(steps=3000, batch_size=512, lr=2e-3, ema_decay=0.998, log_every=250,
+                                       ckpt_every=500),
+                  train_images=TrainConfig(steps=2000, batch_size=256, lr=2e-3, ema_decay=0.995, log_every=250,
+                                           ckpt_every=500),
                   n_train_2d=100_000, n_eval=2000, n_map=2000, n_images=1000, ict_n_end=320, target_ema=0.995),
     "full": Scale(mlp_2d=(512, 4), mlp_digits=None, unet_base=None,
                   train_2d=TrainConfig(steps=20_000, batch_size=4096, lr=1e-3, ema_decay=0.9995, log_every=500,
@@ -65,7 +69,12 @@ SCALE_TABLE = {
                   n_train_2d=1_000_000, n_eval=10_000, n_map=10_000, n_images=10_000, ict_n_end=1280,
                   target_ema=0.999, longer_runs={"cifar10": 200_000}),
 }
-UNET = {"digits": (64, (1, 2)), "mnist": (64, (1, 2, 2)), "cifar10": (128, (1, 2, 2, 2))}  # base, mults
+# base width, channel multipliers, attention resolutions.  CIFAR-10: DDPM++'s 128 channels over four
+# levels (32, 16, 8, 4) with attention at 16×16, but one residual block per level (theirs: four)
+UNET = {"digits": (64, (1, 2), ()), "mnist": (64, (1, 2, 2), ()), "cifar10": (128, (1, 2, 2, 2), (16,))}
+# CIFAR-10 at full scale, as the papers report it: FID-50k of the EMA against the training set at the end,
+# FID-10k every 10k steps in the run log, bf16 autocast (torch) around everything but the JVPs
+FID_RUNS = {"cifar10": {"eval_n": 50_000, "periodic_eval_n": 10_000, "eval_every": 10_000}}
 EVAL_STEPS = {"fm": 32}  # sampler steps the CLI evaluates a run with; one step for every other method
 LABEL_DROPOUT = 0.1  # class-conditional runs train 10% of rows unconditionally (classifier-free guidance)
 
@@ -83,6 +92,7 @@ class RunPreset:
     variant: str = ""  # the method's variant (e.g. cm: ict, ct, cd, sct, scd)
     eval_steps: int = 1  # sampler steps of the CLI's evaluation
     eval_n: int = 2000  # samples of the CLI's evaluation
+    periodic_eval_n: int = 1000  # samples of each evaluation during training (every ``train.eval_every`` steps)
 
 
 def _is_2d(dataset: str) -> bool:
@@ -101,9 +111,9 @@ def _model(dataset: str, scale: Scale, n_cond: int, conditional: bool):
         width, depth = scale.mlp_digits
         return MLPConfig(data_dim=channels * size * size, n_cond=n_cond, width=width, depth=depth,
                          n_classes=n_classes)
-    base, mults = UNET[dataset]
+    base, mults, attention = UNET[dataset]
     return UNetConfig(channels=channels, size=size, n_cond=n_cond, base=scale.unet_base or base, mults=mults,
-                      n_classes=n_classes)
+                      n_classes=n_classes, attention=attention)
 
 
 def _method_cfg(method: str, variant: str, dataset: str, scale: Scale, conditional: bool, autoguided: bool = False):
@@ -173,12 +183,16 @@ def run_preset(method: str, dataset: str, scale: str, conditional: bool = False,
         raise ValueError(f"dataset {dataset!r} has no labels; class-conditional training needs one of "
                          f"{', '.join(d for d in DATASETS if dataset_info(d).n_classes)}")
     method_cfg = _method_cfg(method, variant, dataset, table, conditional, autoguided)
-    train = replace(_train(method, method_cfg, dataset, table), **train_overrides)
+    train = _train(method, method_cfg, dataset, table)
     two_d = _is_2d(dataset)
-    n_cond = module.n_cond(method_cfg) if hasattr(module, "n_cond") else module.N_COND  # AYF: +1 when guided
-    return RunPreset(method=method, dataset=dataset, model=_model(dataset, table, n_cond, conditional),
-                     train=train, method_cfg=method_cfg, n_train=table.n_train_2d if two_d else None,
-                     variant=variant, eval_steps=EVAL_STEPS.get(method, 1), eval_n=2000 if two_d else 1000)
+    sizes = {"eval_n": 2000 if two_d else 1000}
+    if dataset in FID_RUNS and resolve_scale(scale) == "full":
+        sizes = {k: v for k, v in FID_RUNS[dataset].items() if k != "eval_every"}
+        train = replace(train, eval_every=FID_RUNS[dataset]["eval_every"], mixed_precision=True)
+    return RunPreset(method=method, dataset=dataset, model=_model(dataset, table, module.n_cond(method_cfg), conditional),
+                     train=replace(train, **train_overrides), method_cfg=method_cfg,
+                     n_train=table.n_train_2d if two_d else None, variant=variant,
+                     eval_steps=EVAL_STEPS.get(method, 1), **sizes)
 
 
 # -- chapters ------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def fixed_draws(bk, cfg, n, seed=3, dim=3):
     level = shortcut.draw_levels(cfg, n)
     cells = 2.0**level
     t = (np.floor(rng.uniform(size=n) * cells) + 1) / cells
-    return {"level": bk.from_numpy(level.astype(np.float64)), "t": bk.from_numpy(t),
+    return {"level": bk.from_numpy(level.astype(np.float64)), "bootstrap": level < cfg.levels, "t": bk.from_numpy(t),
             "x1": bk.from_numpy(rng.normal(size=(n, dim))), "drop": bk.from_numpy(rng.uniform(size=n) < 0.3)}
 
 

@@ -55,7 +55,6 @@ VARIANTS = ("emd", "lmd", "emd+lmd")
 # The network sees 10·t where the embedding expects 1000·t: the JVP differentiates through the embedding,
 # whose fastest frequency sets the size of dF/dt (sCM feeds τ without its ×1000 for the same reason).
 TIME_INPUT = 10.0 / EMBEDDING_TIME_SCALE
-N_COND = 2  # (t, s); a guided student sees λ too (``n_cond``)
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,7 @@ def needs_teacher(cfg: Config) -> bool:
 
 def n_cond(cfg: Config) -> int:
     """How many conditions the network sees: (t, s), and λ when guided."""
-    return N_COND + (cfg.guidance is not None)
+    return 2 + (cfg.guidance is not None)
 
 
 def check_guidance(cfg: Config, guidance) -> float | None:
