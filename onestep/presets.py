@@ -14,7 +14,7 @@ from typing import Any
 
 from .backends.architectures import MLPConfig, UNetConfig
 from .data import DATASETS, dataset_info
-from .methods import check_variant, cm, ctm, fm, get_method, meanflow, shortcut
+from .methods import ayf, check_variant, cm, ctm, fm, get_method, meanflow, shortcut
 from .train import TrainConfig
 
 SCALES = ("smoke", "book", "full")
@@ -50,12 +50,16 @@ class Scale:
 # decay**n of the average (0.999 over 2000 steps left 14% and ruined samples).
 SCALE_TABLE = {
     "smoke": Scale(mlp_2d=(64, 2), mlp_digits=(128, 2), unet_base=16,
-                   train_2d=TrainConfig(steps=400, batch_size=256, lr=3e-3, ema_decay=0.99, log_every=50),
-                   train_images=TrainConfig(steps=400, batch_size=256, lr=3e-3, ema_decay=0.99, log_every=50),
+                   train_2d=TrainConfig(steps=400, batch_size=256, lr=3e-3, ema_decay=0.99, log_every=50,
+                                        ckpt_every=100),
+                   train_images=TrainConfig(steps=400, batch_size=256, lr=3e-3, ema_decay=0.99, log_every=50,
+                                            ckpt_every=100),
                    n_train_2d=20_000, n_eval=500, n_map=300, n_images=300, ict_n_end=80, target_ema=0.99),
     "book": Scale(mlp_2d=(128, 3), mlp_digits=(256, 3), unet_base=None,
-                  train_2d=TrainConfig(steps=3000, batch_size=512, lr=2e-3, ema_decay=0.998, log_every=250),
-                  train_images=TrainConfig(steps=2000, batch_size=256, lr=2e-3, ema_decay=0.995, log_every=250),
+                  train_2d=TrainConfig(steps=3000, batch_size=512, lr=2e-3, ema_decay=0.998, log_every=250,
+                                       ckpt_every=500),
+                  train_images=TrainConfig(steps=2000, batch_size=256, lr=2e-3, ema_decay=0.995, log_every=250,
+                                           ckpt_every=500),
                   n_train_2d=100_000, n_eval=2000, n_map=2000, n_images=1000, ict_n_end=320, target_ema=0.995),
     "full": Scale(mlp_2d=(512, 4), mlp_digits=None, unet_base=None,
                   train_2d=TrainConfig(steps=20_000, batch_size=4096, lr=1e-3, ema_decay=0.9995, log_every=500,
@@ -65,7 +69,12 @@ SCALE_TABLE = {
                   n_train_2d=1_000_000, n_eval=10_000, n_map=10_000, n_images=10_000, ict_n_end=1280,
                   target_ema=0.999, longer_runs={"cifar10": 200_000}),
 }
-UNET = {"digits": (64, (1, 2)), "mnist": (64, (1, 2, 2)), "cifar10": (128, (1, 2, 2, 2))}  # base, mults
+# base width, channel multipliers, attention resolutions.  CIFAR-10: DDPM++'s 128 channels over four
+# levels (32, 16, 8, 4) with attention at 16×16, but one residual block per level (theirs: four)
+UNET = {"digits": (64, (1, 2), ()), "mnist": (64, (1, 2, 2), ()), "cifar10": (128, (1, 2, 2, 2), (16,))}
+# CIFAR-10 at full scale, as the papers report it: FID-50k of the EMA against the training set at the end,
+# FID-10k every 10k steps in the run log, bf16 autocast (torch) around everything but the JVPs
+FID_RUNS = {"cifar10": {"eval_n": 50_000, "periodic_eval_n": 10_000, "eval_every": 10_000}}
 EVAL_STEPS = {"fm": 32}  # sampler steps the CLI evaluates a run with; one step for every other method
 LABEL_DROPOUT = 0.1  # class-conditional runs train 10% of rows unconditionally (classifier-free guidance)
 
@@ -83,6 +92,7 @@ class RunPreset:
     variant: str = ""  # the method's variant (e.g. cm: ict, ct, cd, sct, scd)
     eval_steps: int = 1  # sampler steps of the CLI's evaluation
     eval_n: int = 2000  # samples of the CLI's evaluation
+    periodic_eval_n: int = 1000  # samples of each evaluation during training (every ``train.eval_every`` steps)
 
 
 def _is_2d(dataset: str) -> bool:
@@ -101,14 +111,16 @@ def _model(dataset: str, scale: Scale, n_cond: int, conditional: bool):
         width, depth = scale.mlp_digits
         return MLPConfig(data_dim=channels * size * size, n_cond=n_cond, width=width, depth=depth,
                          n_classes=n_classes)
-    base, mults = UNET[dataset]
+    base, mults, attention = UNET[dataset]
     return UNetConfig(channels=channels, size=size, n_cond=n_cond, base=scale.unet_base or base, mults=mults,
-                      n_classes=n_classes)
+                      n_classes=n_classes, attention=attention)
 
 
-def _method_cfg(method: str, variant: str, dataset: str, scale: Scale, conditional: bool):
+def _method_cfg(method: str, variant: str, dataset: str, scale: Scale, conditional: bool, autoguided: bool = False):
     """The method's paper config with this book's deviations."""
     label_dropout = LABEL_DROPOUT if conditional else 0.0
+    if method == "ayf":
+        return _ayf_cfg(variant, label_dropout, autoguided)
     sigma_data = dataset_info(dataset).rms  # the papers' σ_d = 0.5 is the RMS of their images
     if method == "fm":
         return fm.Config(label_dropout=label_dropout)
@@ -141,6 +153,16 @@ def _method_cfg(method: str, variant: str, dataset: str, scale: Scale, condition
                            label_dropout=label_dropout)
 
 
+AUTOGUIDANCE = (1.0, 3.0)  # λ ~ U[1, 3] (a re-implementation's reading of the paper; unverified)
+
+
+def _ayf_cfg(variant: str, label_dropout: float, autoguided: bool) -> ayf.Config:
+    """Align Your Flow: the paper's tangent settings (c = 0.1, r_max = 0.99).  Our tangent warmup takes the
+    first 10% of the run (sCM's is 10k of 400k steps; AYF's length is not given)."""
+    return ayf.Config(variant=variant, warmup_fraction=0.1, label_dropout=label_dropout,
+                      guidance=AUTOGUIDANCE if autoguided else None)
+
+
 def _train(method: str, method_cfg, dataset: str, scale: Scale) -> TrainConfig:
     """The scale's optimisation settings with the method's target network, if it keeps one."""
     base = scale.train_2d if _is_2d(dataset) else scale.train_images
@@ -156,23 +178,31 @@ def _train(method: str, method_cfg, dataset: str, scale: Scale) -> TrainConfig:
 
 
 def run_preset(method: str, dataset: str, scale: str, conditional: bool = False, variant: str | None = None,
-               **train_overrides) -> RunPreset:
+               autoguided: bool = False, **train_overrides) -> RunPreset:
     """The settings for training ``method`` (``variant``: its default when None) on ``dataset`` at ``scale``;
-    ``train_overrides`` replace fields of the ``TrainConfig`` (e.g. ``steps``)."""
+    ``autoguided``: distil an autoguided teacher (ayf only); ``train_overrides`` replace fields of the
+    ``TrainConfig`` (e.g. ``steps``)."""
     module = get_method(method)
     variant = check_variant(method, variant)
+    if autoguided and method != "ayf":
+        raise ValueError(f"method {method!r} has no autoguidance; a weak teacher (--weak-teacher) is for --method ayf")
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; accepted: {', '.join(DATASETS)}")
     table = SCALE_TABLE[resolve_scale(scale)]
     if conditional and not dataset_info(dataset).n_classes:
         raise ValueError(f"dataset {dataset!r} has no labels; class-conditional training needs one of "
                          f"{', '.join(d for d in DATASETS if dataset_info(d).n_classes)}")
-    method_cfg = _method_cfg(method, variant, dataset, table, conditional)
-    train = replace(_train(method, method_cfg, dataset, table), **train_overrides)
+    method_cfg = _method_cfg(method, variant, dataset, table, conditional, autoguided)
+    train = _train(method, method_cfg, dataset, table)
     two_d = _is_2d(dataset)
-    return RunPreset(method=method, dataset=dataset, model=_model(dataset, table, module.N_COND, conditional),
-                     train=train, method_cfg=method_cfg, n_train=table.n_train_2d if two_d else None,
-                     variant=variant, eval_steps=EVAL_STEPS.get(method, 1), eval_n=2000 if two_d else 1000)
+    sizes = {"eval_n": 2000 if two_d else 1000}
+    if dataset in FID_RUNS and resolve_scale(scale) == "full":
+        sizes = {k: v for k, v in FID_RUNS[dataset].items() if k != "eval_every"}
+        train = replace(train, eval_every=FID_RUNS[dataset]["eval_every"], mixed_precision=True)
+    return RunPreset(method=method, dataset=dataset, model=_model(dataset, table, module.n_cond(method_cfg), conditional),
+                     train=replace(train, **train_overrides), method_cfg=method_cfg,
+                     n_train=table.n_train_2d if two_d else None, variant=variant,
+                     eval_steps=EVAL_STEPS.get(method, 1), **sizes)
 
 
 # -- chapters ------------------------------------------------------------------------
@@ -307,6 +337,51 @@ def shortcut_chapter(scale: str) -> ShortcutChapter:
 
 
 @dataclass(frozen=True)
+class AlignYourFlowChapter:
+    """Chapter 5: AYF distilled on 8gaussians (three objectives, two teachers), the step-count comparison with
+    CM and shortcut models, and autoguided class-conditional digits.  ``live`` runs train on every execution;
+    the rest form the study, trained for every seed in ``seeds`` when the chapter runs with ``study=True``."""
+
+    runs: dict = field(default_factory=dict)  # name -> RunPreset
+    teachers: dict = field(default_factory=dict)  # run -> "exact", an fm run's name, or (teacher, weak teacher)
+    live: tuple = ("emd",)
+    objectives: tuple = ("emd", "lmd", "emd+lmd")  # AYF runs with the exact teacher
+    seeds: tuple = (0, 1, 2)
+    n_eval: int = 2000  # samples for W2 and the mode statistics
+    n_map: int = 2000  # noise points of the flow-map error against the exact map
+    step_counts: tuple = (1, 2, 4, 8, 16)
+    teacher_steps: int = 32  # Heun steps of the FM teachers when they are scored or sampled
+    limit_gaps: tuple = (1e-1, 1e-2, 1e-3)  # t − s of the s → t limit check
+    rk4_steps: int = 100  # RK4 steps of the exact mixture map in the fixed-point check (error ~2e-7)
+    guidance_scales: tuple = (1.0, 1.5, 2.0, 3.0)
+    image_step_counts: tuple = (1, 4)
+    n_images: int = 1000
+
+
+def align_your_flow_chapter(scale: str) -> AlignYourFlowChapter:
+    scale = resolve_scale(scale)
+    two_d = {"smoke": {"steps": 150}, "book": {}, "full": {}}[scale]
+    images = {"smoke": {"steps": 100}, "book": {}, "full": {}}[scale]
+    runs = {**{v: run_preset("ayf", "8gaussians", scale, variant=v, **two_d) for v in ayf.VARIANTS},
+            "fm_teacher": run_preset("fm", "8gaussians", scale, **two_d),
+            "cm": run_preset("cm", "8gaussians", scale, variant="cd", **two_d),
+            "shortcut": run_preset("shortcut", "8gaussians", scale, **two_d),
+            "digits_teacher": run_preset("fm", "digits", scale, conditional=True, **images),
+            "digits": run_preset("ayf", "digits", scale, conditional=True, autoguided=True, **images)}
+    runs["emd_fm"] = runs["emd"]
+    # the weak teacher: the same FM network after a fifth of the teacher's training (autoguidance's "fewer steps")
+    weak_steps = max(runs["digits_teacher"].train.steps // 5, 1)
+    runs["digits_weak"] = replace(runs["digits_teacher"], train=replace(runs["digits_teacher"].train, steps=weak_steps))
+    teachers = {**{v: "exact" for v in ayf.VARIANTS}, "emd_fm": "fm_teacher", "cm": "exact",
+                "digits": ("digits_teacher", "digits_weak")}
+    per_scale = {"smoke": {"seeds": (0,), "n_map": 300, "step_counts": (1, 2, 4), "teacher_steps": 8,
+                           "guidance_scales": (1.0, 3.0), "image_step_counts": (1,), "n_images": 300},
+                 "book": {}, "full": {"seeds": (0, 1, 2, 3, 4)}}[scale]
+    sizes = {k: v for k, v in _sizes(scale).items() if k != "n_images"}
+    return AlignYourFlowChapter(runs=runs, teachers=teachers, **{**sizes, **per_scale})
+
+
+@dataclass(frozen=True)
 class MeanFlowChapter:
     """Chapter 6: MeanFlow on the 2-D sets over several seeds, the study of its border-case fraction and
     adaptive weight, the JVP's cost, and guidance trained in on class-conditional digits."""
@@ -358,7 +433,7 @@ def meanflow_chapter(scale: str) -> MeanFlowChapter:
 
 CHAPTERS = {"flow_matching": flow_matching_chapter, "consistency_models": consistency_chapter,
             "consistency_trajectory_models": consistency_trajectory_chapter, "shortcut_models": shortcut_chapter,
-            "meanflow": meanflow_chapter}
+            "align_your_flow": align_your_flow_chapter, "meanflow": meanflow_chapter}
 
 
 def chapter_preset(chapter: str, scale: str):

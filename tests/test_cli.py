@@ -146,3 +146,40 @@ def test_distillation_teachers(tmp_path):
 def test_unknown_variant(tmp_path):
     r = cli("train", "--method", "cm", "--variant", "ctx", "--dataset", "8gaussians", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "unknown variant 'ctx'" in r.stderr and "ict, ct, cd, sct, scd" in r.stderr
+
+
+def test_ayf_variants_teachers_and_autoguidance(tmp_path):
+    """AYF trains all three objectives from the exact field and an FM run; autoguidance needs a distinct weak
+    FM run of the same data set and backend, and only AYF takes one."""
+    fm_args = ("train", "--method", "fm", "--dataset", "8gaussians")
+    assert cli(*fm_args, "--steps", "30", "--out", str(tmp_path / "fm")).returncode == 0
+    assert cli(*fm_args, "--steps", "10", "--out", str(tmp_path / "weak")).returncode == 0
+    ayf_args = ("train", "--method", "ayf", "--dataset", "8gaussians", "--steps", "20")
+    for variant in ("emd", "lmd", "emd+lmd"):
+        r = cli(*ayf_args, "--variant", variant, "--teacher", "exact", "--out", str(tmp_path / variant))
+        assert r.returncode == 0, r.stderr
+        assert json.loads((tmp_path / variant / "run.json").read_text())["variant"] == variant
+    r = cli(*ayf_args, "--teacher", str(tmp_path / "fm"), "--out", str(tmp_path / "emd_fm"))
+    assert r.returncode == 0, r.stderr
+
+    guided = (*ayf_args, "--teacher", str(tmp_path / "fm"))
+    r = cli(*guided, "--weak-teacher", str(tmp_path / "weak"), "--out", str(tmp_path / "guided"))
+    assert r.returncode == 0, r.stderr
+    run = json.loads((tmp_path / "guided" / "run.json").read_text())
+    assert run["weak_teacher"] == str(tmp_path / "weak") and run["preset"]["model"]["n_cond"] == 3
+    r = cli("sample", "--run", str(tmp_path / "guided"), "--steps", "2", "--n", "5", "--out", str(tmp_path / "s.npy"))
+    assert r.returncode == 0, r.stderr
+
+    r = cli(*guided, "--weak-teacher", str(tmp_path / "fm"), "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "is the teacher" in r.stderr and "weaker checkpoint" in r.stderr
+    r = cli(*guided, "--weak-teacher", str(tmp_path / "emd"), "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "weak teacher must be a flow-matching (fm) run" in r.stderr
+    r = cli(*guided, "--weak-teacher", str(tmp_path / "weak"), "--backend", "jax", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "trained with the torch backend" in r.stderr
+    r = cli("train", "--method", "cm", "--variant", "cd", "--dataset", "8gaussians", "--teacher", "exact",
+            "--weak-teacher", str(tmp_path / "weak"), "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "method 'cm' has no autoguidance" in r.stderr
+    r = cli("train", "--method", "ayf", "--dataset", "moons", "--teacher", str(tmp_path / "fm"),
+            "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "trained on '8gaussians'" in r.stderr and "'moons'" in r.stderr
+    assert not (tmp_path / "x").exists()

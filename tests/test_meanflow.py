@@ -18,7 +18,7 @@ from onestep.presets import run_preset
 from onestep.runs import fit
 from onestep.train import run_keys
 
-NET = MLPConfig(data_dim=3, n_cond=meanflow.N_COND, width=32, depth=3, emb_dim=16, n_classes=4)
+NET = MLPConfig(data_dim=3, n_cond=meanflow.n_cond(meanflow.Config()), width=32, depth=3, emb_dim=16, n_classes=4)
 CFG = meanflow.Config(border_fraction=0.25, norm_p=0.75, norm_eps=1e-3, omega=0.8, kappa=0.3,
                       guidance_interval=(0.1, 0.9), label_dropout=0.3)
 

@@ -55,7 +55,6 @@ from ..times import sample_times
 from .flowmap import check_steps, condition_labels, label_dropout, per_row, sample_jumps, uniform_times
 
 VARIANTS = ("meanflow",)
-N_COND = 2  # the network sees two times: (t, t − r), or (r, t)
 EMBEDDINGS = ("t_gap", "r_t")  # (t, t − r) as the official DiT, or the two ends (r, t)
 
 
@@ -106,6 +105,11 @@ class Config:
 
 def needs_teacher(cfg: Config) -> bool:
     return False
+
+
+def n_cond(cfg: Config) -> int:
+    """How many scalars the network sees: two times, (t, t − r) or (r, t) (``embedding``)."""
+    return 2
 
 
 # -- the network as an average velocity ------------------------------------------------------
