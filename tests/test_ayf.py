@@ -21,7 +21,7 @@ from onestep.presets import run_preset
 from onestep.runs import fit, load_teacher
 from onestep.teachers import autoguided_teacher, oracle_teacher
 
-NET = MLPConfig(data_dim=2, n_cond=ayf.N_COND, width=32, depth=2, emb_dim=16, n_classes=3)
+NET = MLPConfig(data_dim=2, n_cond=ayf.n_cond(ayf.Config()), width=32, depth=2, emb_dim=16, n_classes=3)
 GUIDED_NET = replace(NET, n_cond=3)
 GMM = analytic.eight_gaussians()
 

@@ -17,7 +17,7 @@ from onestep.runs import fit
 from onestep.train import run_keys
 
 CFG = shortcut.Config(max_steps=8, bootstrap_every=2, clip=None)  # L = 3 levels
-NET = MLPConfig(data_dim=3, n_cond=shortcut.N_COND, width=32, depth=3, n_classes=4)
+NET = MLPConfig(data_dim=3, n_cond=shortcut.n_cond(shortcut.Config()), width=32, depth=3, n_classes=4)
 
 
 def fixed_draws(bk, cfg, n, seed=3, dim=3):
