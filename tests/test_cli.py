@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -55,6 +56,24 @@ def test_unconditional_dataset_cannot_be_conditional(tmp_path):
 def test_sample_from_a_folder_that_is_not_a_run(tmp_path):
     r = cli("sample", "--run", str(tmp_path), "--out", str(tmp_path / "s.npy"))
     assert r.returncode == 2 and "not a run directory" in r.stderr
+
+
+def test_batch_passes_chapter_parameters(tmp_path, monkeypatch):
+    from onestep import cli as cli_module
+
+    executed = []
+    monkeypatch.setattr("onestep.notebooks.execute", lambda source, params, out, cwd=None: executed.append(params))
+    assert cli_module.main(["batch", "--scale", "smoke", "--chapters", "align_your_flow", "--out", str(tmp_path),
+                            "--param", "study=true", "--param", "note=plain words"]) == 0
+    assert executed[0]["study"] is True and executed[0]["note"] == "plain words"
+    assert executed[0]["scale"] == "smoke"
+
+
+@pytest.mark.parametrize("param, expected", [("study", r"expected KEY=VALUE.*'study'"),
+                                             ("scale=book", r"scale is set by batch's own --scale option")])
+def test_batch_refuses_bad_parameters(param, expected, tmp_path):
+    r = cli("batch", "--chapters", "flow_matching", "--out", str(tmp_path), "--param", param)
+    assert r.returncode != 0 and re.search(expected, r.stderr), r.stderr
 
 
 def test_batch_unknown_chapter(tmp_path):
