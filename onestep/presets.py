@@ -406,29 +406,34 @@ class MeanFlowChapter:
     timing_steps: int = 100  # steps timed per method for the JVP's cost
     image_sets: tuple = ("digits",)  # class-conditional image runs (guidance trained in)
     image_step_counts: tuple = (1, 2)
-    guidance_ablation: bool = True  # also train the image run without guidance (ω = 1, κ = 0)
+    # effective guidance scales ω/(1 − κ) trained in, at the preset's κ (1: no guidance, ω = 1, κ = 0)
+    guidance_scales: tuple = (1.0, 1.5, 2.0, 3.0)
+    cfg_steps: int = 32  # Heun steps of the flow-matching model sampled with CFG at the same scales
     n_images: int = 1000
 
 
 def meanflow_chapter(scale: str) -> MeanFlowChapter:
     scale = resolve_scale(scale)
-    sets = {"smoke": (), "book": ("digits",), "full": ("digits", "mnist")}[scale]  # smoke: ≤ 30 s
+    sets = {"smoke": ("digits",), "book": ("digits",), "full": ("digits", "mnist")}[scale]
     steps = {"smoke": {"steps": 200}, "book": {}, "full": {}}[scale]  # smoke: every code path within 30 s
+    image_steps = {"smoke": {"steps": 100}, "book": {}, "full": {}}[scale]
     # the checkerboard's runs are shorter at book scale to keep the chapter near its CPU budget
     checker = {"smoke": steps, "book": {"steps": 2000}, "full": {}}[scale]
     runs = {"8gaussians": run_preset("meanflow", "8gaussians", scale, **steps),
             "checkerboard": run_preset("meanflow", "checkerboard", scale, **checker),
             "fm": run_preset("fm", "8gaussians", scale, **steps),
-            **{name: run_preset("meanflow", name, scale, conditional=True) for name in sets}}
+            **{name: run_preset("meanflow", name, scale, conditional=True, **image_steps) for name in sets},
+            **{f"fm_{name}": run_preset("fm", name, scale, conditional=True, **image_steps) for name in sets}}
     per_scale = {
         "smoke": {"seeds": (0,), "border_fractions": (), "norm_powers": (1.0,), "time_laws": (),
                   "study_seeds": (0,), "study_steps": 100, "trace_points": 2, "timing_steps": 20,
-                  "n_regression": 4000, "n_identity": 16, "rk4_steps": 50, "error_grid": 2, "n_grid": 50},
+                  "n_regression": 4000, "n_identity": 16, "rk4_steps": 50, "error_grid": 2, "n_grid": 50,
+                  "guidance_scales": (1.0, 2.0), "cfg_steps": 4, "n_images": 300},
         # the study's 21 runs take longer than the chapter's budget: the book reads the committed run
         "book": {"study": "results"},
         "full": {"study_steps": SCALE_TABLE["full"].train_2d.steps},
     }[scale]
-    return MeanFlowChapter(runs=runs, image_sets=sets, **_sizes(scale), **per_scale)
+    return MeanFlowChapter(runs=runs, image_sets=sets, **{**_sizes(scale), **per_scale})
 
 
 CHAPTERS = {"flow_matching": flow_matching_chapter, "consistency_models": consistency_chapter,
