@@ -11,8 +11,9 @@ from parity import TOL, assert_same, assert_same_loss_and_grads, backend64, make
 
 from onestep import BACKENDS, get_backend, metrics
 from onestep.backends.architectures import MLPConfig
+from onestep.backends.embedding import EMBEDDING_TIME_SCALE
 from onestep.evaluation import reference
-from onestep.methods import flowmap, fm, make_loss, meanflow
+from onestep.methods import flowmap, fm, make_loss, meanflow, twotime
 from onestep.paths import LINEAR
 from onestep.presets import run_preset
 from onestep.runs import fit
@@ -28,7 +29,7 @@ def fixed_draws(bk, cfg, n, seed=3, dim=3):
     rng = np.random.default_rng(seed)
     a, b = rng.uniform(size=(2, n))
     t, r = np.maximum(a, b), np.minimum(a, b)
-    m = meanflow.border_rows(cfg, n)
+    m = twotime.border_rows(cfg, n)
     r[:m] = t[:m]
     return {"t": bk.from_numpy(t), "r": bk.from_numpy(r), "x1": bk.from_numpy(rng.normal(size=(n, dim))),
             "drop": bk.from_numpy(rng.uniform(size=n) < cfg.label_dropout)}
@@ -48,7 +49,7 @@ def test_draws_put_r_equal_t_on_the_first_rows(fraction):
     draws = meanflow.draw(bk, cfg, bk.key(0), {"x": bk.from_numpy(np.zeros((4000, 2)))}, 0, 100)
     t, r = bk.to_numpy(draws["t"]), bk.to_numpy(draws["r"])
     m = int(4000 * fraction)
-    assert meanflow.border_rows(cfg, 4000) == m
+    assert twotime.border_rows(cfg, 4000) == m
     assert np.array_equal(r[:m], t[:m]) and np.all(r[m:] < t[m:])
     assert np.all((0 < r) & (t < 1))
     # t and r are the larger and the smaller of two logit-normal draws: their mean logit is
@@ -60,8 +61,8 @@ def test_draws_put_r_equal_t_on_the_first_rows(fraction):
 
 
 def test_border_rows_round_down_like_the_code():
-    assert meanflow.border_rows(meanflow.Config(border_fraction=0.75), 10) == 7
-    assert meanflow.border_rows(meanflow.Config(border_fraction=0.29), 100) == 29  # not 28 from 28.999…
+    assert twotime.border_rows(meanflow.Config(border_fraction=0.75), 10) == 7
+    assert twotime.border_rows(meanflow.Config(border_fraction=0.29), 100) == 29  # not 28 from 28.999…
 
 
 # -- the identity on exact objects --------------------------------------------------------------
@@ -114,7 +115,7 @@ class ExactNetwork:
         self.bk, self.cfg = bk, cfg
 
     def __call__(self, z, cond, y=None):
-        times = cond * meanflow.EMBEDDING_TIME_SCALE
+        times = cond * EMBEDDING_TIME_SCALE
         t, gap = times[:, 0], times[:, 1]
         return gaussian_average_velocity(self.bk.xp, z, t - gap, t)
 
@@ -177,7 +178,7 @@ def test_guided_velocity(name):
     z, v = rng.normal(size=(n, 3)), rng.normal(size=(n, 3))
     t, y, drop = rng.uniform(size=n), rng.integers(0, 4, n), rng.uniform(size=n) < 0.3
     args = [bk.from_numpy(a) for a in (z, t, v, y, drop)]
-    out = bk.to_numpy(meanflow.guided_velocity(bk, CFG, model, *args))
+    out = bk.to_numpy(twotime.guided_velocity(bk, CFG, model, *args))
     u = lambda labels: bk.to_numpy(meanflow.average_velocity(bk, model, CFG, args[0], args[1], args[1],
                                                              bk.from_numpy(labels)))
     want = CFG.omega * v + (1 - CFG.omega - CFG.kappa) * u(np.full(n, 4)) + CFG.kappa * u(y)
@@ -185,9 +186,9 @@ def test_guided_velocity(name):
     assert 5 < guided.sum() < n - 5
     assert np.max(np.abs(out[guided] - want[guided])) < 1e-13
     assert np.array_equal(out[~guided], v[~guided])
-    assert np.array_equal(bk.to_numpy(meanflow.guided_velocity(bk, CFG, model, *args[:3], None, None)), v)
+    assert np.array_equal(bk.to_numpy(twotime.guided_velocity(bk, CFG, model, *args[:3], None, None)), v)
     plain = replace(CFG, omega=1.0, kappa=0.0)
-    assert np.array_equal(bk.to_numpy(meanflow.guided_velocity(bk, plain, model, *args)), v)
+    assert np.array_equal(bk.to_numpy(twotime.guided_velocity(bk, plain, model, *args)), v)
     assert CFG.guidance_scale == pytest.approx(0.8 / 0.7)
 
 

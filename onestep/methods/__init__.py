@@ -6,8 +6,8 @@ it validates itself), its ``VARIANTS`` (the first is the default), whether a con
 it takes one), ``draw`` (all randomness and every value that depends on the training step),
 ``loss_from_draws`` (all math, pure, so parity tests can feed both backends the same draws) and ``sample`` (which takes a random key).  ``make_loss`` assembles the
 training loss of any method from its config; ``tests/test_methods.py`` checks every registered
-method against the protocol.  Shared flow-map primitives live in ``flowmap``; methods never import
-each other.
+method against the protocol.  Shared flow-map primitives live in ``flowmap``, the two-time network
+and training pieces of MeanFlow and α-Flow in ``twotime``; methods never import each other.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-METHODS = ("fm", "cm", "ctm", "shortcut", "ayf", "meanflow")
+METHODS = ("fm", "cm", "ctm", "shortcut", "ayf", "meanflow", "alphaflow")
 
 # A teacher is a velocity field ``(z, t, y) -> v`` on backend arrays (``onestep.teachers``).
 Teacher = Callable[[Any, Any, Any], Any]
