@@ -4,11 +4,14 @@
   python benchmarks/run.py --chapters book    # ... and at book scale too (minutes)
   python benchmarks/run.py --only steps       # just the step-time table
 
-Step times are the median over repeated timed windows after a warm-up (compilation excluded),
-in one process, so ratios within one run compare like with like on a noisy machine.
+Step times are medians over repeated timed windows after a warm-up (compilation excluded), in one
+process; the losses compared on one network take turns window by window, and each ratio is the
+median of the ratios of neighbouring windows, so a noisy machine slows both sides of a ratio alike.
 The JVP probe is the MeanFlow-shaped objective ``u - sg(v - (t - r) du/dt)`` whose ``du/dt`` is
 one forward-mode JVP through the same network: its cost over the plain FM step is the overhead
-every JVP-based method (MeanFlow, sCT, AYF-EMD) pays.
+every JVP-based method (MeanFlow, sCT, AYF-EMD) pays. ``flops_ratio`` is the same ratio in matmul
+and convolution FLOPs (counted by torch; the arithmetic is the same in both backends): a tangent
+costs one more forward and the backward runs through the primal only, so it is about 4/3.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_
 import numpy as np
 
 from onestep import get_backend
-from onestep.backends.base import MLPConfig, UNetConfig
+from onestep.backends.base import MLPConfig, UNetConfig, model_shape
 from onestep.paths import interpolate
 
 
@@ -62,25 +65,52 @@ def jvp_probe(bk):
     return loss_fn
 
 
-def step_time(bk, cfg, loss_fn, batch: int, steps: int, repeats: int = 5) -> float:
-    """Median seconds per optimisation step (after a warm-up that includes compilation)."""
-    shape = (cfg.data_dim,) if isinstance(cfg, MLPConfig) else (cfg.channels, cfg.size, cfg.size)
-    data = {"x": bk.from_numpy(np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)),
-            "y": None}
-    idx = np.arange(batch)
-    state = bk.init_train_state(bk.make_model(cfg, bk.key(0)), lr=1e-4, ema_decay=0.999)
-    key = bk.key(1)
+def batch_data(bk, cfg, batch: int) -> dict:
+    return {"x": bk.from_numpy(np.random.default_rng(0).standard_normal((batch, *model_shape(cfg)))
+                               .astype(np.float32)), "y": None}
 
-    def window(n):
-        nonlocal state
+
+def step_times(bk, cfg, losses: dict, batch: int, steps: int, repeats: int = 7) -> dict[str, list[float]]:
+    """Seconds per optimisation step of each loss in ``repeats`` timed windows of ``steps`` steps,
+    after a warm-up that includes compilation. The losses take turns window by window."""
+    data, idx, key = batch_data(bk, cfg, batch), np.arange(batch), bk.key(1)
+    states = {name: bk.init_train_state(bk.make_model(cfg, bk.key(0)), lr=1e-4, ema_decay=0.999)
+              for name in losses}
+
+    def window(name, n):
         start = time.perf_counter()
         for _ in range(n):
-            state, loss, _ = bk.train_step(loss_fn, state, data, idx, key)
+            states[name], loss, _ = bk.train_step(losses[name], states[name], data, idx, key)
         float(loss)  # waits for asynchronous work (JAX dispatch, CUDA)
         return (time.perf_counter() - start) / n
 
-    window(3)
-    return statistics.median(window(steps) for _ in range(repeats))
+    for name in losses:
+        window(name, 3)
+    times = {name: [] for name in losses}
+    for _ in range(repeats):
+        for name in losses:
+            times[name].append(window(name, steps))
+    return times
+
+
+def median_ratio(times: dict, a: str, b: str) -> float:
+    """The median over windows of ``a``'s step time over ``b``'s in the same turn."""
+    return statistics.median(ta / tb for ta, tb in zip(times[a], times[b], strict=True))
+
+
+def flops_ratio(cfg, batch: int) -> float:
+    """Matmul and convolution FLOPs of one JVP-probe step (forward and backward) over one FM step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bk = get_backend("torch", device="cpu")
+    model, data = bk.make_model(cfg, bk.key(0)), batch_data(bk, cfg, batch)
+    flops = []
+    for probe in (jvp_probe, fm_probe):
+        with FlopCounterMode(display=False) as counter:
+            loss, _ = probe(bk)(model, None, data, bk.key(1), 0)
+            loss.backward()
+        flops.append(counter.get_total_flops())
+    return flops[0] / flops[1]
 
 
 def method_losses(bk) -> dict:
@@ -110,18 +140,21 @@ def bench_steps(backends, nets, device, steps, batch_override=None) -> list[dict
         for net in nets:
             cfg, batch = NETS[net]
             batch = batch_override or batch
-            fm_s = step_time(bk, cfg, fm_probe(bk), batch, steps)
-            jvp_s = step_time(bk, cfg, jvp_probe(bk), batch, steps)
+            probes = step_times(bk, cfg, {"fm": fm_probe(bk), "jvp": jvp_probe(bk)}, batch, steps)
             one_time = replace(cfg, n_cond=1)  # FM and CM networks see one time
-            method_s = {m: step_time(bk, one_time, loss, batch, steps) for m, loss in method_losses(bk).items()}
-            rows.append({"backend": name, "device": str(bk.device), "net": net, "batch": batch,
-                         "fm_ms": 1e3 * fm_s, "jvp_ms": 1e3 * jvp_s, "jvp_over_fm": jvp_s / fm_s,
-                         "steps_per_s": 1 / fm_s, **{f"{m}_loss_ms": 1e3 * v for m, v in method_s.items()},
-                         "sct_over_fm": method_s["sct"] / method_s["fm"]})
-            print(f"  {name:5s} {net:12s} FM {1e3 * fm_s:8.2f} ms  JVP {1e3 * jvp_s:8.2f} ms  "
-                  f"ratio {jvp_s / fm_s:5.2f} | methods: "
-                  + "  ".join(f"{m} {1e3 * v:.2f} ms" for m, v in method_s.items())
-                  + f"  sCT/FM {method_s['sct'] / method_s['fm']:5.2f}", flush=True)
+            methods = step_times(bk, one_time, method_losses(bk), batch, steps)
+            ms = {k: 1e3 * statistics.median(v) for k, v in probes.items()}
+            method_ms = {m: 1e3 * statistics.median(v) for m, v in methods.items()}
+            row = {"backend": name, "device": str(bk.device), "net": net, "batch": batch,
+                   "fm_ms": ms["fm"], "jvp_ms": ms["jvp"], "jvp_over_fm": median_ratio(probes, "jvp", "fm"),
+                   "flops_ratio": flops_ratio(cfg, batch), "steps_per_s": 1e3 / ms["fm"],
+                   **{f"{m}_loss_ms": v for m, v in method_ms.items()},
+                   "sct_over_fm": median_ratio(methods, "sct", "fm")}
+            rows.append(row)
+            print(f"  {name:5s} {net:12s} FM {ms['fm']:8.2f} ms  JVP {ms['jvp']:8.2f} ms  "
+                  f"ratio {row['jvp_over_fm']:5.2f} (FLOPs {row['flops_ratio']:4.2f}) | methods: "
+                  + "  ".join(f"{m} {v:.2f} ms" for m, v in method_ms.items())
+                  + f"  sCT/FM {row['sct_over_fm']:5.2f}", flush=True)
     return rows
 
 
@@ -171,7 +204,7 @@ def main(argv=None) -> int:
         print("train step time (median): FM vs the JVP probe (two-time net), and FM, iCT, sCT (one-time net):")
         report["steps"] = bench_steps(backends, args.nets.split(","), args.device, args.steps, args.batch)
         print(table(report["steps"], ["backend", "device", "net", "batch", "fm_ms", "jvp_ms", "jvp_over_fm",
-                                      "fm_loss_ms", "ict_loss_ms", "sct_loss_ms", "sct_over_fm"]))
+                                      "flops_ratio", "fm_loss_ms", "ict_loss_ms", "sct_loss_ms", "sct_over_fm"]))
     if args.only != "steps" and args.chapters != "none":
         print("chapter wall time (papermill, kernel start included):")
         report["chapters"] = bench_chapters(backends, args.chapters.split(","))

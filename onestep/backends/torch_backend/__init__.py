@@ -10,6 +10,7 @@ import torch
 from ..base import MLPConfig, TrainState, UNetConfig, ema_decay_at
 from ..checkpoint import atomic_write
 from ..keys import fold_in_seed, split_seed
+from . import tangent
 from .mlp import MLP
 from .unet import UNet
 
@@ -67,9 +68,10 @@ class TorchBackend:
 
     # -- autodiff -------------------------------------------------------------
     def jvp(self, fn: Callable, primals: tuple, tangents: tuple):
-        # Gradients w.r.t. parameters flow through the primal output (torch.func.jvp
-        # keeps the autograd graph of the primal computation).
-        return torch.func.jvp(fn, primals, tangents)
+        """``(primal_out, tangent_out)``: the primal output keeps its graph to the parameters, the
+        tangent is stop-gradient. Our networks carry tangents by hand (see ``tangent``): about the
+        cost of one more forward, where ``torch.func.jvp`` also records the tangent for backward."""
+        return tangent.jvp(fn, primals, tangents)
 
     def stop_gradient(self, x):
         return x.detach()
