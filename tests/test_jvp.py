@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from onestep import get_backend
 from onestep.backends.base import MLPConfig, UNetConfig, model_shape
+from onestep.backends.embedding import EMBEDDING_TIME_SCALE
 from onestep.backends.torch_backend import tangent
 from onestep.paths import expand, interpolate
 
@@ -70,14 +71,15 @@ def meanflow_loss(bk, model, d):
 
 def sct_loss(bk, model, d, sigma_d: float = 0.5, c: float = 0.1):
     """sCT's shape in TrigFlow time: ``‖F − sg(F) − g/(‖g‖ + c)‖²`` with
-    ``g = −cos²τ·(σ_d F⁻ − dx/dτ) − cos τ sin τ·(x_τ + σ_d dF/dτ)``; every time column is τ."""
+    ``g = −cos²τ·(σ_d F⁻ − dx/dτ) − cos τ sin τ·(x_τ + σ_d dF/dτ)``; every time column is τ in
+    the network's time (``cm.trig_network``)."""
     xp = bk.xp
     x0, noise, tau, y = bk.from_numpy(d["x0"]), bk.from_numpy(d["x1"]), bk.from_numpy(d["t"]), bk.from_numpy(d["y"])
     cos, sin, cs = expand(xp.cos(tau), x0), expand(xp.sin(tau), x0), xp.cos(tau) * xp.sin(tau)
     x_tau, dx_dtau = cos * x0 + sin * sigma_d * noise, cos * sigma_d * noise - sin * x0
 
     def F(x_in, s):
-        return model(x_in, xp.stack([s] * model.cfg.n_cond, axis=1), y)
+        return model(x_in, xp.stack([s / EMBEDDING_TIME_SCALE] * model.cfg.n_cond, axis=1), y)
 
     F_out, dF = bk.jvp(F, (x_tau / sigma_d, tau), (expand(cs, x_tau) * dx_dtau / sigma_d, cs))
     F_minus = bk.stop_gradient(F_out)
