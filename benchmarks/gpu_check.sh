@@ -18,8 +18,7 @@ for b in torch jax; do
   echo "$b train+eval wall: $((SECONDS - start)) s"
   python3 - "$b" <<'PY'
 import json, os, sys, time
-from onestep.runs import load_run
-from onestep.sample import sample_run
+from onestep.runs import load_run, sample_run
 bk, model, preset, _ = load_run(os.path.join(os.environ["OUT"], f"fm-mnist-{sys.argv[1]}"))
 for n, steps in ((1000, 16), (4000, 16)):
     sample_run(bk, model, preset, n=n, seed=0, steps=1, solver="heun")  # warm-up: compiles for this n
@@ -31,3 +30,10 @@ print(sys.argv[1], "train steps/s", round(m["steps"] / m["train_seconds"], 1), "
 PY
   rm -f "$OUT/fm-mnist-$b/checkpoint"
 done
+# Every method's full CIFAR-10 preset for a few minutes per backend, on one device and on all of them
+# (steps/s, images/s, peak memory, FID-10k); needs the CIFAR-10 batches in $ONESTEP_CIFAR10.
+if [ -n "${ONESTEP_CIFAR10:-}" ]; then
+  python3 benchmarks/scale_check.py --out "$OUT/scale" --steps "${SCALE_STEPS:-2000}" 2>&1 | grep -v Warning
+else
+  echo "scale check skipped: set ONESTEP_CIFAR10 to a cifar-10-batches-py folder"
+fi

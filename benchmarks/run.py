@@ -31,26 +31,27 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_
 import numpy as np
 
 from onestep import get_backend
-from onestep.backends.base import MLPConfig, UNetConfig, model_shape
-from onestep.paths import interpolate
+from onestep.backends.architectures import MLPConfig, UNetConfig, model_shape
+from onestep.methods import cm, fm, make_loss
+from onestep.paths import LINEAR
 
 
 def fm_probe(bk):
     """Plain FM regression on a two-time network fed (t, t): the baseline step."""
-    def loss_fn(model, ema, batch, key, step):
+    def loss_fn(model, target, batch, key, step):
         x0 = batch["x"]
         kt, kx = bk.split(key, 2)
         t = bk.uniform(kt, (x0.shape[0],))
         x1 = bk.normal(kx, tuple(x0.shape))
         cond = bk.xp.stack([t, t], axis=1)
-        err = model(interpolate(x0, x1, t), cond) - (x1 - x0)
+        err = model(LINEAR.sample(bk.xp, x0, x1, t), cond) - (x1 - x0)
         return bk.xp.mean(err ** 2), {}
     return loss_fn
 
 
 def jvp_probe(bk):
     """The same network and batch, with a target built from one JVP in (z, t)."""
-    def loss_fn(model, ema, batch, key, step):
+    def loss_fn(model, target, batch, key, step):
         x0 = batch["x"]
         kt, kr, kx = bk.split(key, 3)
         t = bk.uniform(kt, (x0.shape[0],))
@@ -58,7 +59,7 @@ def jvp_probe(bk):
         x1 = bk.normal(kx, tuple(x0.shape))
         v = x1 - x0
         u, du_dt = bk.jvp(lambda z, s: model(z, bk.xp.stack([r, s], axis=1)),
-                          (interpolate(x0, x1, t), t), (v, bk.xp.ones_like(t)))
+                          (LINEAR.sample(bk.xp, x0, x1, t), t), (v, bk.xp.ones_like(t)))
         gap = (t - r).reshape((-1,) + (1,) * (x0.ndim - 1))
         target = bk.stop_gradient(v - gap * du_dt)
         return bk.xp.mean((u - target) ** 2), {}
@@ -115,11 +116,10 @@ def flops_ratio(cfg, batch: int) -> float:
 
 def method_losses(bk) -> dict:
     """The methods' own training losses (one-time network): FM, iCT (two forward passes) and sCT (a JVP)."""
-    from onestep.methods import cm, fm
     steps = 10**6  # curriculum length: the timed steps sit at its start
-    return {"fm": fm.make_loss(bk, fm.FMConfig()),
-            "ict": cm.make_loss(bk, cm.CMConfig(variant="ict", total_steps=steps)),
-            "sct": cm.make_loss(bk, cm.CMConfig(variant="sct", total_steps=steps, warmup_fraction=0.1))}
+    return {"fm": make_loss(bk, fm.Config(), steps),
+            "ict": make_loss(bk, cm.variant_config("ict"), steps),
+            "sct": make_loss(bk, cm.variant_config("sct", warmup_fraction=0.1), steps)}
 
 
 NETS = {

@@ -1,15 +1,11 @@
-"""The book's one time convention, and adapters from each paper's notation.
+"""The book's one time convention, and the time variables of the papers it follows.
 
 Ours: data at t = 0, noise at t = 1, ``z_t = (1 − t)·x0 + t·x1``, velocity
 ``v = dz_t/dt = x1 − x0``, sampling from t = 1 down to 0.  Two-time models jump from
-t to r ≤ t: ``f(z, t, r) = z − (t − r)·u(z, r, t)``.
+t to r ≤ t (``methods.flowmap``).  CM and CTM write times as EDM noise levels σ, sCM as
+TrigFlow angles τ; the conversions below are the only place either is computed.
 """
 from __future__ import annotations
-
-
-def from_noise_at_zero(tau, v_paper):
-    """Papers with noise at τ = 0 (Meta's flow_matching, Shortcut): ``t = 1 − τ``, ``v = −v_paper``."""
-    return 1 - tau, -v_paper
 
 
 def sigma_from_t(t):
@@ -22,14 +18,9 @@ def t_from_sigma(sigma):
     return sigma / (1 + sigma)
 
 
-def logit_normal_mean_in_our_orientation(mean_paper: float) -> float:
-    """A logit-normal time sampler ported from a noise-at-0 paper changes the sign of its mean."""
-    return -mean_paper
-
-
-def flow_map_from_average_velocity(z, u, t, r):
-    """``f(z, t, r) = z − (t − r)·u(z, r, t)``: where a two-time model sends z from t to r."""
-    return z - (t - r) * u
+def edm_point(z, t):
+    """The EDM variable of a point of the linear path: ``x_σ = z_t/(1 − t)`` (``t`` broadcast against ``z``)."""
+    return z / (1 - t)
 
 
 EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.002, 80.0

@@ -3,9 +3,6 @@
 A chapter is a Jupytext MyST Markdown notebook listed in ``_toc.yml``, e.g. ``book/01_flow_matching.md``,
 named without its number (``flow_matching``). Parameters are injected the papermill way: a cell tagged
 ``injected-parameters`` right after the chapter's cell tagged ``parameters``.
-
-The module is also a Sphinx extension of the book build (``setup``), which keeps executed outputs free of
-remote assets.
 """
 from __future__ import annotations
 
@@ -17,7 +14,8 @@ import papermill
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-# matplotlib's Animation.to_jshtml() links Font Awesome from a CDN; the book's theme ships it already.
+
+
 def _toc_entries(node):
     """The ``root`` and ``file`` entries of a Jupyter Book table of contents, in reading order."""
     for key in ("root", "file"):
@@ -50,14 +48,6 @@ def chapters(root: Path = ROOT) -> list[Path]:
 def chapter_name(path: str | Path) -> str:
     """``book/01_flow_matching.md`` -> ``flow_matching``."""
     return re.sub(r"^\d+[_-]", "", Path(path).stem)
-
-
-def chapter(name: str, root: Path = ROOT) -> Path:
-    """The source of the chapter called ``name``; ValueError naming the accepted names otherwise."""
-    found = {chapter_name(path): path for path in chapters(root)}
-    if name not in found:
-        raise ValueError(f"unknown chapter {name!r}; accepted: {', '.join(found)}")
-    return found[name]
 
 
 def _prepare(source: str | Path, parameters: dict, out_path: str | Path, **kwargs) -> None:

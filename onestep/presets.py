@@ -1,22 +1,20 @@
 """Every number a run or a chapter uses, keyed by (method or chapter, data set, scale).
 
-Notebooks and the CLI read their settings from here and never hard-code them.
-Scales: ``smoke`` (seconds, CI), ``book`` (minutes on a laptop CPU; what the rendered
-book shows) and ``full`` (GPU hours).  ``ONESTEP_SCALE`` overrides the scale a
-notebook asks for, so a whole-book build can run at smoke scale.
+Notebooks and the CLI read their settings from here and never hard-code them.  Scales: ``smoke``
+(seconds, CI), ``book`` (minutes on a laptop CPU; what the rendered book shows) and ``full`` (GPU
+hours); what changes with the scale is one :class:`Scale` table each.  A method's ``Config``
+defaults are its paper's values; the presets below list only the deviations, each with its reason.
+``ONESTEP_SCALE`` overrides the scale a notebook asks for, so a whole-book build can run at smoke scale.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
-from functools import cache
 from typing import Any
 
-import numpy as np
-
-from .backends.base import MLPConfig, UNetConfig
+from .backends.architectures import MLPConfig, UNetConfig
 from .data import DATASETS, dataset_info
-from .methods import check_variant, get_method
+from .methods import ayf, check_variant, cm, ctm, fm, get_method, meanflow, shortcut
 from .train import TrainConfig
 
 SCALES = ("smoke", "book", "full")
@@ -31,144 +29,180 @@ def resolve_scale(scale: str) -> str:
 
 
 @dataclass(frozen=True)
+class Scale:
+    """What changes with the scale."""
+
+    mlp_2d: tuple[int, int]  # (width, depth) of the MLP for 2-D sets
+    mlp_digits: tuple[int, int] | None  # 8×8 digits as flat pixels on a CPU; None: the U-Net
+    unet_base: int | None  # U-Net base width for every image set (None: the set's own, below)
+    train_2d: TrainConfig
+    train_images: TrainConfig
+    n_train_2d: int  # size of the sampled training set of a 2-D data set
+    n_eval: int  # samples scored by W2 / MMD, and noise points of the flow-map error
+    n_map: int
+    n_images: int  # generated images per Fréchet distance
+    ict_n_end: int  # iCT's last grid size: fewer doublings in shorter runs (the paper: 1280 over 400k steps)
+    target_ema: float  # an EMA that is a target network must be short against the run (CTM: 0.999)
+    longer_runs: dict = field(default_factory=dict)  # data set -> training steps, where the default is short
+
+
+# The EMA's half-life must be short against the run: after n steps the initial weights still carry
+# decay**n of the average (0.999 over 2000 steps left 14% and ruined samples).
+SCALE_TABLE = {
+    "smoke": Scale(mlp_2d=(64, 2), mlp_digits=(128, 2), unet_base=16,
+                   train_2d=TrainConfig(steps=400, batch_size=256, lr=3e-3, ema_decay=0.99, log_every=50,
+                                        ckpt_every=100),
+                   train_images=TrainConfig(steps=400, batch_size=256, lr=3e-3, ema_decay=0.99, log_every=50,
+                                            ckpt_every=100),
+                   n_train_2d=20_000, n_eval=500, n_map=300, n_images=300, ict_n_end=80, target_ema=0.99),
+    "book": Scale(mlp_2d=(128, 3), mlp_digits=(256, 3), unet_base=None,
+                  train_2d=TrainConfig(steps=3000, batch_size=512, lr=2e-3, ema_decay=0.998, log_every=250,
+                                       ckpt_every=500),
+                  train_images=TrainConfig(steps=2000, batch_size=256, lr=2e-3, ema_decay=0.995, log_every=250,
+                                           ckpt_every=500),
+                  n_train_2d=100_000, n_eval=2000, n_map=2000, n_images=1000, ict_n_end=320, target_ema=0.995),
+    "full": Scale(mlp_2d=(512, 4), mlp_digits=None, unet_base=None,
+                  train_2d=TrainConfig(steps=20_000, batch_size=4096, lr=1e-3, ema_decay=0.9995, log_every=500,
+                                       ckpt_every=5000),
+                  train_images=TrainConfig(steps=60_000, batch_size=128, lr=2e-4, ema_decay=0.9999, grad_clip=1.0,
+                                           log_every=1000, ckpt_every=10_000),
+                  n_train_2d=1_000_000, n_eval=10_000, n_map=10_000, n_images=10_000, ict_n_end=1280,
+                  target_ema=0.999, longer_runs={"cifar10": 200_000}),
+}
+# base width, channel multipliers, attention resolutions.  CIFAR-10: DDPM++'s 128 channels over four
+# levels (32, 16, 8, 4) with attention at 16×16, but one residual block per level (theirs: four)
+UNET = {"digits": (64, (1, 2), ()), "mnist": (64, (1, 2, 2), ()), "cifar10": (128, (1, 2, 2, 2), (16,))}
+# CIFAR-10 at full scale, as the papers report it: FID-50k of the EMA against the training set at the end,
+# FID-10k every 10k steps in the run log, bf16 autocast (torch) around everything but the JVPs
+FID_RUNS = {"cifar10": {"eval_n": 50_000, "periodic_eval_n": 10_000, "eval_every": 10_000}}
+EVAL_STEPS = {"fm": 32}  # sampler steps the CLI evaluates a run with; one step for every other method
+LABEL_DROPOUT = 0.1  # class-conditional runs train 10% of rows unconditionally (classifier-free guidance)
+
+
+@dataclass(frozen=True)
 class RunPreset:
-    """Everything needed to train one method on one data set."""
+    """Everything needed to train one method on one data set and evaluate it."""
 
     method: str
     dataset: str
     model: Any  # MLPConfig | UNetConfig
     train: TrainConfig
-    method_cfg: Any
+    method_cfg: Any  # the method's Config
     n_train: int | None = None  # size of the sampled training set for synthetic data
     variant: str = ""  # the method's variant (e.g. cm: ict, ct, cd, sct, scd)
+    eval_steps: int = 1  # sampler steps of the CLI's evaluation
+    eval_n: int = 2000  # samples of the CLI's evaluation
+    periodic_eval_n: int = 1000  # samples of each evaluation during training (every ``train.eval_every`` steps)
 
 
-# -- networks, by kind of data and scale --------------------------------------------
-def _model(dataset: str, scale: str, n_cond: int, conditional: bool):
+def _is_2d(dataset: str) -> bool:
+    return len(dataset_info(dataset).shape) == 1
+
+
+def _model(dataset: str, scale: Scale, n_cond: int, conditional: bool):
     info = dataset_info(dataset)
     n_classes = info.n_classes if conditional else 0
-    if len(info.shape) == 1:
-        width, depth = {"smoke": (64, 2), "book": (128, 3), "full": (512, 4)}[scale]
+    if _is_2d(dataset):
+        width, depth = scale.mlp_2d
         return MLPConfig(data_dim=info.shape[0], n_cond=n_cond, width=width, depth=depth, emb_dim=32,
                          n_classes=n_classes)
     channels, size, _ = info.shape
-    if dataset == "digits" and scale != "full":
-        # 8x8 digits are small enough for an MLP on flat pixels, far cheaper on a CPU.
-        width, depth = {"smoke": (128, 2), "book": (256, 3)}[scale]
+    if dataset == "digits" and scale.mlp_digits:
+        width, depth = scale.mlp_digits
         return MLPConfig(data_dim=channels * size * size, n_cond=n_cond, width=width, depth=depth,
                          n_classes=n_classes)
-    base, mults = {"digits": (64, (1, 2)), "mnist": (64, (1, 2, 2)), "cifar10": (128, (1, 2, 2, 2))}[dataset]
-    if scale == "smoke":
-        base = 16
-    return UNetConfig(channels=channels, size=size, n_cond=n_cond, base=base, mults=mults,
-                      n_classes=n_classes)
+    base, mults, attention = UNET[dataset]
+    return UNetConfig(channels=channels, size=size, n_cond=n_cond, base=scale.unet_base or base, mults=mults,
+                      n_classes=n_classes, attention=attention)
 
 
-def _train(dataset: str, scale: str) -> TrainConfig:
-    # The EMA's half-life must be short against the run: after n steps the initial weights
-    # still carry decay**n of the average (0.999 over 2000 steps left 14% and ruined samples).
-    synthetic = len(dataset_info(dataset).shape) == 1
-    if scale == "smoke":
-        return TrainConfig(steps=400, batch_size=256, lr=3e-3, ema_decay=0.99, log_every=50)
-    if scale == "book":
-        if synthetic:
-            return TrainConfig(steps=3000, batch_size=512, lr=2e-3, ema_decay=0.998, log_every=250)
-        return TrainConfig(steps=2000, batch_size=256, lr=2e-3, ema_decay=0.995, log_every=250)
-    if synthetic:
-        return TrainConfig(steps=20000, batch_size=4096, lr=1e-3, ema_decay=0.9995, log_every=500,
-                           ckpt_every=5000)
-    return TrainConfig(steps=200_000 if dataset == "cifar10" else 60_000, batch_size=128, lr=2e-4,
-                       ema_decay=0.9999, grad_clip=1.0, log_every=1000, ckpt_every=10_000)
-
-
-@cache
-def sigma_data(dataset: str) -> float:
-    """The data's root-mean-square value per coordinate (EDM's σ_d), from 2000 training samples."""
-    from .data import load
-    x = load(dataset, n=2000, seed=0, split="train").x
-    return round(float(np.sqrt(np.mean(x.astype(np.float64) ** 2))), 2)
-
-
-def _cm_cfg(variant: str, dataset: str, scale: str, train: TrainConfig, label_dropout: float):
-    from .methods.cm import CMConfig
-    common = {"variant": variant, "sigma_data": sigma_data(dataset), "total_steps": train.steps,
-              "label_dropout": label_dropout}
-    if variant == "cd":  # CM paper: fixed N = 18, EMA target at μ = 0.95, squared error
-        return CMConfig(**common, curriculum="fixed", n_start=18, n_end=18, target="ema", mu0=0.95,
-                        distance="l2", weighting="uniform", index_sampling="uniform")
-    if variant == "ct":  # CM paper: N(k) from 2 to 150 and μ(k) from μ0 = 0.9
-        return CMConfig(**common, curriculum="adaptive", n_start=2, n_end=150, mu0=0.9, target="ema",
-                        distance="l2", weighting="uniform", index_sampling="uniform")
-    if variant == "ict":  # iCT: N doubling 10 → 1280 (fewer doublings in short runs)
-        n_end = {"smoke": 80, "book": 320, "full": 1280}[scale]
-        return CMConfig(**common, curriculum="doubling", n_start=10, n_end=n_end, target="online",
-                        distance="pseudo_huber", weighting="inv_dsigma", index_sampling="lognormal",
-                        p_mean=-1.1, p_std=2.0)
-    # sCT / sCD: TrigFlow time from tan τ = e^P/0.5, P ~ N(−1.0, 1.4²); tangent warmup over 10% of the run
-    return CMConfig(**common, p_mean=-1.0, p_std=1.4, tangent_norm=0.1, warmup_fraction=0.1)
-
-
-def _shortcut_cfg(dataset: str, label_dropout: float):
-    """128 finest steps as in the official code, with two changes for short runs.  The paper's 1/4 of
-    each batch bootstraps (the code: 1/8), so a batch of 512 gives every one of the 7 bootstrap levels
-    ~18 rows, not ~9.  The bootstrap targets come from the online network under stop-gradient, not the
-    EMA: each level learns from the one below, so an EMA target delays the coarsest level by about
-    7 EMA time constants (7 × 500 steps at decay 0.998, longer than a book run).  The code's ±4 clip is
-    for unit-scale data (images in [−1, 1], latents); we widen it to 4·σ_d on wider data (8gaussians)."""
-    from .methods.shortcut import ShortcutConfig
-    return ShortcutConfig(max_steps=128, bootstrap_every=4, clip=4.0 * max(1.0, sigma_data(dataset)),
-                          ema_target=False, label_dropout=label_dropout)
-
-
-def _ctm_cfg(dataset: str, scale: str, label_dropout: float):
-    """CTM distillation: the teacher runs 4 Heun steps from t to u; EMA 0.999 at full scale (the
-    paper's), shorter in shorter runs because the EMA is also the target network (see ``_train``)."""
-    from .methods.ctm import CTMConfig
-    ema = {"smoke": 0.99, "book": 0.995, "full": 0.999}[scale]
-    return CTMConfig(sigma_data=sigma_data(dataset), teacher_steps=4, max_span=1.0, dsm_balance="adaptive",
-                     ema=ema, gamma=0.0, label_dropout=label_dropout)
-
-
-def _method_cfg(method: str, variant: str, dataset: str, scale: str, train: TrainConfig, conditional: bool):
-    label_dropout = 0.1 if conditional else 0.0
+def _method_cfg(method: str, variant: str, dataset: str, scale: Scale, conditional: bool, autoguided: bool = False):
+    """The method's paper config with this book's deviations."""
+    label_dropout = LABEL_DROPOUT if conditional else 0.0
+    if method == "ayf":
+        return _ayf_cfg(variant, label_dropout, autoguided)
+    sigma_data = dataset_info(dataset).rms  # the papers' σ_d = 0.5 is the RMS of their images
     if method == "fm":
-        from .methods.fm import FMConfig
-        return FMConfig(time_sampler="uniform", label_dropout=label_dropout)
+        return fm.Config(label_dropout=label_dropout)
     if method == "cm":
-        return _cm_cfg(variant, dataset, scale, train, label_dropout)
-    if method == "shortcut":
-        return _shortcut_cfg(dataset, label_dropout)
+        if variant == "ict":
+            return cm.variant_config(variant, sigma_data=sigma_data, label_dropout=label_dropout,
+                                     n_end=scale.ict_n_end)
+        if variant in ("sct", "scd"):  # sCM warms the tangent up over 10k of its 400k steps; ours, 10% of the run
+            return cm.variant_config(variant, sigma_data=sigma_data, label_dropout=label_dropout,
+                                     warmup_fraction=0.1)
+        return cm.variant_config(variant, sigma_data=sigma_data, label_dropout=label_dropout)
     if method == "ctm":
-        return _ctm_cfg(dataset, scale, label_dropout)
-    raise ValueError(f"no preset for method {method!r}")
+        return ctm.Config(sigma_data=sigma_data, label_dropout=label_dropout)
+    if method == "meanflow":
+        # The adaptive weight 1/sg((‖Δ‖² + ε)^p) was tuned on 3072- and 4096-dimensional images, where the
+        # per-row sum ‖Δ‖² concentrates and the weight is nearly the same for every row; on 2-D points it
+        # varies by orders of magnitude between rows and pulls the regression off the conditional mean
+        # (Chapter 6's study), so the 2-D sets use p = 0.  The same study finds one-step samples better
+        # with fewer rows at r = t than the ImageNet code's 75%; the 2-D sets use the CIFAR-10 code's 25%.
+        # Images keep 75%: guidance trained in reads the diagonal u(z, t, t), which the r = t rows train.
+        if _is_2d(dataset):
+            return meanflow.Config(norm_p=0.0, border_fraction=0.25, label_dropout=label_dropout)
+        return meanflow.Config(label_dropout=label_dropout)
+    # The paper's 1/4 of each batch bootstraps (the code: 1/8), so a batch of 512 gives each of the 7
+    # bootstrap levels ~18 rows, not ~9.  The bootstrap targets come from the online network under
+    # stop-gradient, not the EMA: each level learns from the one below, so an EMA target delays the
+    # coarsest level by about 7 EMA time constants, longer than a book run.  The code's ±4 clip is for
+    # unit-scale data (images in [−1, 1], latents); we widen it to 4·σ_d on wider data (8gaussians).
+    return shortcut.Config(bootstrap_every=4, clip=4.0 * max(1.0, sigma_data), ema_target=False,
+                           label_dropout=label_dropout)
 
 
-def run_preset(method: str, dataset: str, scale: str, conditional: bool = False,
-               variant: str | None = None) -> RunPreset:
-    """The settings for training ``method`` (``variant``: its default when None) on ``dataset`` at ``scale``."""
+AUTOGUIDANCE = (1.0, 3.0)  # λ ~ U[1, 3] (a re-implementation's reading of the paper; unverified)
+
+
+def _ayf_cfg(variant: str, label_dropout: float, autoguided: bool) -> ayf.Config:
+    """Align Your Flow: the paper's tangent settings (c = 0.1, r_max = 0.99).  Our tangent warmup takes the
+    first 10% of the run (sCM's is 10k of 400k steps; AYF's length is not given)."""
+    return ayf.Config(variant=variant, warmup_fraction=0.1, label_dropout=label_dropout,
+                      guidance=AUTOGUIDANCE if autoguided else None)
+
+
+def _train(method: str, method_cfg, dataset: str, scale: Scale) -> TrainConfig:
+    """The scale's optimisation settings with the method's target network, if it keeps one."""
+    base = scale.train_2d if _is_2d(dataset) else scale.train_images
+    train = replace(base, steps=scale.longer_runs.get(dataset, base.steps))
+    if method == "cm" and cm.target_decay(method_cfg) is not None:
+        # CD and CT read their target network from an EMA at μ (CT: μ(k)); the samples come from that
+        # same average, as in Chapter 2's runs
+        decay = cm.target_decay(method_cfg)
+        return replace(train, ema_decay=decay, target_decay=decay)
+    if method == "ctm":  # the EMA is CTM's target network and its sampler
+        return replace(train, ema_decay=scale.target_ema, target_decay=scale.target_ema)
+    return train
+
+
+def run_preset(method: str, dataset: str, scale: str, conditional: bool = False, variant: str | None = None,
+               autoguided: bool = False, **train_overrides) -> RunPreset:
+    """The settings for training ``method`` (``variant``: its default when None) on ``dataset`` at ``scale``;
+    ``autoguided``: distil an autoguided teacher (ayf only); ``train_overrides`` replace fields of the
+    ``TrainConfig`` (e.g. ``steps``)."""
     module = get_method(method)
     variant = check_variant(method, variant)
+    if autoguided and method != "ayf":
+        raise ValueError(f"method {method!r} has no autoguidance; a weak teacher (--weak-teacher) is for --method ayf")
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; accepted: {', '.join(DATASETS)}")
-    scale = resolve_scale(scale)
+    table = SCALE_TABLE[resolve_scale(scale)]
     if conditional and not dataset_info(dataset).n_classes:
         raise ValueError(f"dataset {dataset!r} has no labels; class-conditional training needs one of "
                          f"{', '.join(d for d in DATASETS if dataset_info(d).n_classes)}")
-    train = _train(dataset, scale)
-    n_train = {"smoke": 20_000, "book": 100_000, "full": 1_000_000}[scale]
-    return RunPreset(method=method, dataset=dataset, model=_model(dataset, scale, module.N_COND, conditional),
-                     train=train, method_cfg=_method_cfg(method, variant, dataset, scale, train, conditional),
-                     n_train=n_train if len(dataset_info(dataset).shape) == 1 else None, variant=variant)
-
-
-def with_training(preset: RunPreset, **overrides) -> RunPreset:
-    """``preset`` with some ``TrainConfig`` fields replaced (e.g. ``steps``); a method whose
-    schedule spans the run (``total_steps``) is stretched to the new length."""
-    train = replace(preset.train, **overrides)
-    method_cfg = preset.method_cfg
-    if hasattr(method_cfg, "total_steps"):
-        method_cfg = replace(method_cfg, total_steps=train.steps)
-    return replace(preset, train=train, method_cfg=method_cfg)
+    method_cfg = _method_cfg(method, variant, dataset, table, conditional, autoguided)
+    train = _train(method, method_cfg, dataset, table)
+    two_d = _is_2d(dataset)
+    sizes = {"eval_n": 2000 if two_d else 1000}
+    if dataset in FID_RUNS and resolve_scale(scale) == "full":
+        sizes = {k: v for k, v in FID_RUNS[dataset].items() if k != "eval_every"}
+        train = replace(train, eval_every=FID_RUNS[dataset]["eval_every"], mixed_precision=True)
+    return RunPreset(method=method, dataset=dataset, model=_model(dataset, table, module.n_cond(method_cfg), conditional),
+                     train=replace(train, **train_overrides), method_cfg=method_cfg,
+                     n_train=table.n_train_2d if two_d else None, variant=variant,
+                     eval_steps=EVAL_STEPS.get(method, 1), **sizes)
 
 
 # -- chapters ------------------------------------------------------------------------
@@ -186,23 +220,24 @@ class FlowMatchingChapter:
     anim_frames: int = 25
 
 
+def _sizes(scale: str) -> dict:
+    table = SCALE_TABLE[scale]
+    return {"n_eval": table.n_eval, "n_map": table.n_map, "n_images": table.n_images}
+
+
 def flow_matching_chapter(scale: str) -> FlowMatchingChapter:
     scale = resolve_scale(scale)
+    sets = {"smoke": ("digits",), "book": ("digits",), "full": ("digits", "mnist")}[scale]
     runs = {"8gaussians": run_preset("fm", "8gaussians", scale),
             "checkerboard": run_preset("fm", "checkerboard", scale),
-            "digits": run_preset("fm", "digits", scale, conditional=True)}
-    if scale == "smoke":
-        return FlowMatchingChapter(runs=runs, n_eval=500, n_map=300, step_counts=(1, 2, 4, 8),
-                                   image_step_counts=(1, 4), n_images=300, anim_frames=4)
-    if scale == "book":
-        return FlowMatchingChapter(runs=runs)
-    runs["mnist"] = run_preset("fm", "mnist", scale, conditional=True)
-    runs["digits"] = with_training(runs["digits"], steps=20_000)
-    return FlowMatchingChapter(runs=runs, n_eval=10_000, n_map=10_000, n_images=10_000,
-                               image_sets=("digits", "mnist"))
+            **{name: run_preset("fm", name, scale, conditional=True) for name in sets}}
+    if scale == "full":  # the digits U-Net converges long before MNIST's 60k steps
+        runs["digits"] = replace(runs["digits"], train=replace(runs["digits"].train, steps=20_000))
+    per_scale = {"smoke": {"step_counts": (1, 2, 4, 8), "image_step_counts": (1, 4), "anim_frames": 4},
+                 "book": {}, "full": {"image_sets": sets}}
+    return FlowMatchingChapter(runs=runs, **_sizes(scale), **per_scale[scale])
 
 
-# -- Chapter 2: consistency models -------------------------------------------------------
 @dataclass(frozen=True)
 class ConsistencyChapter:
     """Chapter 2: the runs it trains (and their teachers) and the sizes of its checks."""
@@ -217,7 +252,7 @@ class ConsistencyChapter:
     grid_sizes: tuple = (1, 2, 4, 8, 16, 32, 64)  # N of the discretisation tradeoff
     n_paths: int = 400  # exact trajectories the tradeoff is measured on
     fd_steps: tuple = (1e-2, 1e-3)  # central-difference steps in τ for the sCM tangent check
-    gaussian_cfg: Any = None  # the CMConfig whose sampler the Gaussian multistep analysis runs
+    gaussian_cfg: Any = None  # the cm.Config whose sampler the Gaussian multistep analysis runs
     gaussian_steps: tuple = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
     perturbations: tuple = (0.01, 0.03, 0.1)  # size δ of a consistency function's scale error
     error_profiles: tuple = (1, 2)  # the scale error grows like δ·t^p along the path
@@ -229,38 +264,27 @@ class ConsistencyChapter:
 
 def consistency_chapter(scale: str) -> ConsistencyChapter:
     scale = resolve_scale(scale)
-    # book: 1500 steps per run keeps eight runs within the chapter's CPU budget; None: the scale's default
-    steps = {"smoke": 150, "book": 1500, "full": None}[scale]
-
-    def run(method, variant=None, dataset="8gaussians", conditional=False):
-        preset = run_preset(method, dataset, scale, conditional=conditional, variant=variant)
-        return preset if steps is None else with_training(preset, steps=steps)
-
-    runs = {"fm_teacher": run("fm"), "cd": run("cm", "cd")}
-    runs["cd_fm"] = runs["cd"]
-    runs.update({v: run("cm", v) for v in ("ct", "ict", "sct", "scd")})
-    runs["ict_unstopped"] = replace(runs["ict"], method_cfg=replace(runs["ict"].method_cfg, target="unstopped"))
-    teachers = {"cd": "exact", "cd_fm": "fm_teacher", "scd": "exact"}
-    gaussian_cfg = run_preset("cm", "gaussian", scale, variant="sct").method_cfg
-    common = {"runs": runs, "teachers": teachers, "gaussian_cfg": gaussian_cfg}
-    if scale == "smoke":
-        # one run per code path (network teacher, discrete, continuous): each run costs a JAX compilation
-        return ConsistencyChapter(**common, compare=("cd_fm", "ict", "sct"), n_eval=500, n_map=300,
-                                  grid_sizes=(1, 2, 4, 8, 16, 32), n_paths=100)
+    # 1500 steps per run keeps eight runs within the book's CPU budget; full scale keeps its default
+    steps = {"smoke": {"steps": 150}, "book": {"steps": 1500}, "full": {}}[scale]
     variant = "sct"  # the teacher-free variant on class-conditional images
-    if scale == "book":
-        # sCD's tangent is checked above; its run is left to full scale to make room for the digits
-        runs["digits"] = run("cm", variant, "digits", conditional=True)
-        return ConsistencyChapter(**common, compare=("cd", "cd_fm", "ct", "ict", "sct"), image_sets=("digits",),
-                                  image_variant=variant)
-    sets = ("digits", "mnist")
-    runs.update({name: run("cm", variant, name, conditional=True) for name in sets})
-    return ConsistencyChapter(**common, n_eval=10_000, n_map=10_000, n_images=10_000, image_sets=sets,
-                              image_variant=variant)
+    sets = {"smoke": (), "book": ("digits",), "full": ("digits", "mnist")}[scale]
+    runs = {"fm_teacher": run_preset("fm", "8gaussians", scale, **steps),
+            **{v: run_preset("cm", "8gaussians", scale, variant=v, **steps) for v in cm.VARIANTS},
+            **{name: run_preset("cm", name, scale, conditional=True, variant=variant, **steps) for name in sets}}
+    runs["cd_fm"] = runs["cd"]
+    runs["ict_unstopped"] = replace(runs["ict"], method_cfg=replace(runs["ict"].method_cfg, target="unstopped"))
+    per_scale = {
+        # one run per code path (network teacher, discrete, continuous): each run costs a JAX compilation
+        "smoke": {"compare": ("cd_fm", "ict", "sct"), "grid_sizes": (1, 2, 4, 8, 16, 32), "n_paths": 100},
+        # sCD's tangent is checked in the chapter; its run is left to full scale to make room for the digits
+        "book": {"compare": ("cd", "cd_fm", "ct", "ict", "sct")},
+        "full": {},
+    }[scale]
+    return ConsistencyChapter(runs=runs, teachers={"cd": "exact", "cd_fm": "fm_teacher", "scd": "exact"},
+                              gaussian_cfg=run_preset("cm", "gaussian", scale, variant="sct").method_cfg,
+                              image_sets=sets, image_variant=variant, **_sizes(scale), **per_scale)
 
 
-
-# -- Chapter 3: consistency trajectory models --------------------------------------------
 @dataclass(frozen=True)
 class ConsistencyTrajectoryChapter:
     """Chapter 3: CTM distilled on 8gaussians from the exact field and from an FM teacher."""
@@ -277,22 +301,16 @@ class ConsistencyTrajectoryChapter:
 
 def consistency_trajectory_chapter(scale: str) -> ConsistencyTrajectoryChapter:
     scale = resolve_scale(scale)
-    steps = {"smoke": 200, "book": 1500, "full": None}[scale]  # None: the scale's default length
-
-    def run(method):
-        preset = run_preset(method, "8gaussians", scale)
-        return preset if steps is None else with_training(preset, steps=steps)
-
-    runs = {"fm_teacher": run("fm"), "exact": run("ctm"), "fm": run("ctm")}
-    if scale == "smoke":
-        return ConsistencyTrajectoryChapter(runs=runs, teacher_eval_steps=8, n_eval=500, n_map=300,
-                                            split_points=4)
-    if scale == "book":
-        return ConsistencyTrajectoryChapter(runs=runs, split_points=16)
-    return ConsistencyTrajectoryChapter(runs=runs, n_eval=10_000, n_map=10_000)
+    steps = {"smoke": {"steps": 200}, "book": {"steps": 1500}, "full": {}}[scale]
+    runs = {"fm_teacher": run_preset("fm", "8gaussians", scale, **steps),
+            "exact": run_preset("ctm", "8gaussians", scale, **steps)}
+    runs["fm"] = runs["exact"]
+    per_scale = {"smoke": {"teacher_eval_steps": 8, "n_map": 300, "split_points": 4},
+                 "book": {"n_map": 1000, "split_points": 16}, "full": {}}[scale]
+    sizes = {k: v for k, v in _sizes(scale).items() if k != "n_images"}
+    return ConsistencyTrajectoryChapter(runs=runs, **{**sizes, **per_scale})
 
 
-# -- Chapter 4: shortcut models ----------------------------------------------------------
 @dataclass(frozen=True)
 class ShortcutChapter:
     """Chapter 4: a shortcut model against the exact map, the data and CM multistep sampling."""
@@ -310,20 +328,112 @@ class ShortcutChapter:
 
 def shortcut_chapter(scale: str) -> ShortcutChapter:
     scale = resolve_scale(scale)
+    sets = {"smoke": (), "book": ("digits",), "full": ("digits", "mnist")}[scale]  # smoke: ≤ 30 s
     runs = {"8gaussians": run_preset("shortcut", "8gaussians", scale),
             "cm": run_preset("cm", "8gaussians", scale, variant="cd"),
-            "digits": run_preset("shortcut", "digits", scale, conditional=True)}
-    if scale == "smoke":
-        return ShortcutChapter(runs=runs, n_eval=500, n_map=300, n_order=50, step_counts=(1, 4, 16, 128),
-                               image_sets=())  # ≤ 30 s
-    if scale == "book":
-        return ShortcutChapter(runs=runs)
-    runs["mnist"] = run_preset("shortcut", "mnist", scale, conditional=True)
-    return ShortcutChapter(runs=runs, n_eval=10_000, n_map=10_000, n_images=10_000, image_sets=("digits", "mnist"))
+            **{name: run_preset("shortcut", name, scale, conditional=True) for name in sets}}
+    per_scale = {"smoke": {"n_order": 50, "step_counts": (1, 4, 16, 128)}, "book": {}, "full": {}}[scale]
+    return ShortcutChapter(runs=runs, image_sets=sets, **_sizes(scale), **per_scale)
+
+
+@dataclass(frozen=True)
+class AlignYourFlowChapter:
+    """Chapter 5: AYF distilled on 8gaussians (three objectives, two teachers), the step-count comparison with
+    CM and shortcut models, and autoguided class-conditional digits.  ``live`` runs train on every execution;
+    the rest form the study, trained for every seed in ``seeds`` when the chapter runs with ``study=True``."""
+
+    runs: dict = field(default_factory=dict)  # name -> RunPreset
+    teachers: dict = field(default_factory=dict)  # run -> "exact", an fm run's name, or (teacher, weak teacher)
+    live: tuple = ("emd",)
+    objectives: tuple = ("emd", "lmd", "emd+lmd")  # AYF runs with the exact teacher
+    seeds: tuple = (0, 1, 2)
+    n_eval: int = 2000  # samples for W2 and the mode statistics
+    n_map: int = 2000  # noise points of the flow-map error against the exact map
+    step_counts: tuple = (1, 2, 4, 8, 16)
+    teacher_steps: int = 32  # Heun steps of the FM teachers when they are scored or sampled
+    limit_gaps: tuple = (1e-1, 1e-2, 1e-3)  # t − s of the s → t limit check
+    rk4_steps: int = 100  # RK4 steps of the exact mixture map in the fixed-point check (error ~2e-7)
+    guidance_scales: tuple = (1.0, 1.5, 2.0, 3.0)
+    image_step_counts: tuple = (1, 4)
+    n_images: int = 1000
+
+
+def align_your_flow_chapter(scale: str) -> AlignYourFlowChapter:
+    scale = resolve_scale(scale)
+    two_d = {"smoke": {"steps": 150}, "book": {}, "full": {}}[scale]
+    images = {"smoke": {"steps": 100}, "book": {}, "full": {}}[scale]
+    runs = {**{v: run_preset("ayf", "8gaussians", scale, variant=v, **two_d) for v in ayf.VARIANTS},
+            "fm_teacher": run_preset("fm", "8gaussians", scale, **two_d),
+            "cm": run_preset("cm", "8gaussians", scale, variant="cd", **two_d),
+            "shortcut": run_preset("shortcut", "8gaussians", scale, **two_d),
+            "digits_teacher": run_preset("fm", "digits", scale, conditional=True, **images),
+            "digits": run_preset("ayf", "digits", scale, conditional=True, autoguided=True, **images)}
+    runs["emd_fm"] = runs["emd"]
+    # the weak teacher: the same FM network after a fifth of the teacher's training (autoguidance's "fewer steps")
+    weak_steps = max(runs["digits_teacher"].train.steps // 5, 1)
+    runs["digits_weak"] = replace(runs["digits_teacher"], train=replace(runs["digits_teacher"].train, steps=weak_steps))
+    teachers = {**{v: "exact" for v in ayf.VARIANTS}, "emd_fm": "fm_teacher", "cm": "exact",
+                "digits": ("digits_teacher", "digits_weak")}
+    per_scale = {"smoke": {"seeds": (0,), "n_map": 300, "step_counts": (1, 2, 4), "teacher_steps": 8,
+                           "guidance_scales": (1.0, 3.0), "image_step_counts": (1,), "n_images": 300},
+                 "book": {}, "full": {"seeds": (0, 1, 2, 3, 4)}}[scale]
+    sizes = {k: v for k, v in _sizes(scale).items() if k != "n_images"}
+    return AlignYourFlowChapter(runs=runs, teachers=teachers, **{**sizes, **per_scale})
+
+
+@dataclass(frozen=True)
+class MeanFlowChapter:
+    """Chapter 6: MeanFlow on the 2-D sets over several seeds, the study of its border-case fraction and
+    adaptive weight, the JVP's cost, and guidance trained in on class-conditional digits."""
+
+    runs: dict = field(default_factory=dict)  # "8gaussians", "checkerboard", image sets: MeanFlow; "fm": FM
+    seeds: tuple = (0, 1, 2)  # training seeds of the 2-D runs
+    n_eval: int = 2000  # samples for W2
+    n_map: int = 2000  # noise points for the flow-map error against the exact map
+    step_counts: tuple = (1, 2, 4)
+    error_grid: int = 5  # the learned jump's error is mapped on the (r, t) grid of spacing 1/error_grid
+    n_grid: int = 300  # points per (r, t) cell of that map
+    n_regression: int = 20_000  # Monte-Carlo pairs of the naive regression of u(z1, 0, 1) on x1 − x0
+    n_identity: int = 64  # points of the identity checks on the mixture (each a JVP through an RK4 solve)
+    rk4_steps: int = 200  # steps of that solve (error ~1e-8; 50 steps: ~3e-6)
+    border_fractions: tuple = (0.0, 0.25, 0.5, 0.75)  # the study's fractions of rows with r = t
+    norm_powers: tuple = (0.0, 0.5, 1.0)  # the study's powers p of the adaptive weight
+    time_laws: tuple = ((0.0, 1.6),)  # the study's wider logit-normal (mean, std) of t and r
+    study_seeds: tuple = (0, 1, 2)
+    study_steps: int = 3000  # training steps of each study run
+    trace_points: int = 10  # points of the study's loss and gradient-norm traces
+    study: str = "run"  # "run": train the study grid here; "results": read it from the committed book run
+    timing_steps: int = 100  # steps timed per method for the JVP's cost
+    image_sets: tuple = ("digits",)  # class-conditional image runs (guidance trained in)
+    image_step_counts: tuple = (1, 2)
+    guidance_ablation: bool = True  # also train the image run without guidance (ω = 1, κ = 0)
+    n_images: int = 1000
+
+
+def meanflow_chapter(scale: str) -> MeanFlowChapter:
+    scale = resolve_scale(scale)
+    sets = {"smoke": (), "book": ("digits",), "full": ("digits", "mnist")}[scale]  # smoke: ≤ 30 s
+    steps = {"smoke": {"steps": 200}, "book": {}, "full": {}}[scale]  # smoke: every code path within 30 s
+    # the checkerboard's runs are shorter at book scale to keep the chapter near its CPU budget
+    checker = {"smoke": steps, "book": {"steps": 2000}, "full": {}}[scale]
+    runs = {"8gaussians": run_preset("meanflow", "8gaussians", scale, **steps),
+            "checkerboard": run_preset("meanflow", "checkerboard", scale, **checker),
+            "fm": run_preset("fm", "8gaussians", scale, **steps),
+            **{name: run_preset("meanflow", name, scale, conditional=True) for name in sets}}
+    per_scale = {
+        "smoke": {"seeds": (0,), "border_fractions": (), "norm_powers": (1.0,), "time_laws": (),
+                  "study_seeds": (0,), "study_steps": 100, "trace_points": 2, "timing_steps": 20,
+                  "n_regression": 4000, "n_identity": 16, "rk4_steps": 50, "error_grid": 2, "n_grid": 50},
+        # the study's 21 runs take longer than the chapter's budget: the book reads the committed run
+        "book": {"study": "results"},
+        "full": {"study_steps": SCALE_TABLE["full"].train_2d.steps},
+    }[scale]
+    return MeanFlowChapter(runs=runs, image_sets=sets, **_sizes(scale), **per_scale)
 
 
 CHAPTERS = {"flow_matching": flow_matching_chapter, "consistency_models": consistency_chapter,
-            "consistency_trajectory_models": consistency_trajectory_chapter, "shortcut_models": shortcut_chapter}
+            "consistency_trajectory_models": consistency_trajectory_chapter, "shortcut_models": shortcut_chapter,
+            "align_your_flow": align_your_flow_chapter, "meanflow": meanflow_chapter}
 
 
 def chapter_preset(chapter: str, scale: str):

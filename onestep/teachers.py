@@ -2,14 +2,14 @@
 
 A teacher is either a trained flow-matching network (the usual, imperfect teacher) or the
 exact velocity of an analytic data set (a perfect teacher, so the student's error is its own).
+Loading a teacher from a run directory is the run layer's job (``runs.load_teacher``).
 """
 from __future__ import annotations
-
-import os
 
 from .analytic import GaussianMixture, exact_teacher
 from .data import oracle
 from .methods import fm
+from .paths import expand
 
 
 def network_teacher(bk, model):
@@ -29,21 +29,13 @@ def oracle_teacher(bk, dataset: str):
     return exact_teacher(bk, exact)
 
 
-def load_teacher(bk, spec: str | None, preset, device: str = "auto"):
-    """The teacher named by ``spec``: None (no teacher), ``"exact"``, or the directory of a trained
-    ``fm`` run on the same data set and labels as ``preset``, trained with backend ``bk``."""
-    if spec is None:
-        return None
-    if spec == "exact":
-        return oracle_teacher(bk, preset.dataset)
-    from .runs import load_run
-    if not os.path.isdir(spec):
-        raise FileNotFoundError(f"teacher run directory {spec} does not exist; train one with "
-                                f"python -m onestep train --method fm --dataset {preset.dataset} --out {spec}")
-    _, model, teacher_preset, info = load_run(spec, device, backend=bk)
-    if info["method"] != "fm":
-        raise ValueError(f"the teacher must be a flow-matching (fm) run; {spec} is a {info['method']!r} run")
-    if info["dataset"] != preset.dataset or bool(teacher_preset.model.n_classes) != bool(preset.model.n_classes):
-        raise ValueError(f"teacher {spec} was trained on {info['dataset']!r} (conditional={info['conditional']}); "
-                         f"the student needs {preset.dataset!r} (conditional={bool(preset.model.n_classes)})")
-    return network_teacher(bk, model)
+def autoguided_teacher(strong, weak):
+    """Autoguidance (Karras et al. 2024) as a teacher: ``v_weak + λ·(v − v_weak)`` with a weaker
+    ``weak`` field of the same data, λ per row ``(n,)``; without λ it is the ``strong`` field itself."""
+    def field(z, t, y=None, guidance=None):
+        v = strong(z, t, y)
+        if guidance is None:
+            return v
+        v_weak = weak(z, t, y)
+        return v_weak + expand(guidance, z) * (v - v_weak)
+    return field

@@ -4,16 +4,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from parity import TOL, assert_same_loss_and_grads, make_pair
+from parity import TOL, assert_same, assert_same_loss_and_grads, backend64, make_pair
 
 from onestep import get_backend
-from onestep.backends.base import MLPConfig
+from onestep.backends.architectures import MLPConfig
 from onestep.backends.embedding import embed_conditions, frequencies
 from onestep.methods import fm
-from onestep.sample import integrate
+from onestep.ode import integrate
 
 CFG = MLPConfig(data_dim=3, n_cond=2, width=32, depth=3, n_classes=4)
-FM_CFG = MLPConfig(data_dim=3, n_cond=fm.N_COND, width=32, depth=3, n_classes=4)
+FM_CFG = MLPConfig(data_dim=3, n_cond=fm.n_cond(fm.Config()), width=32, depth=3, n_classes=4)
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +31,11 @@ def inputs(n=6, seed=0):
     return rng.normal(size=(n, CFG.data_dim)), rng.uniform(size=(n, CFG.n_cond)), rng.integers(0, 5, n)
 
 
-def both(pair, fn):
-    tb, tm, jb, jm = pair
-    return fn(tb, tm), fn(jb, jm)
-
-
 def test_embedding_parity():
     t = np.random.default_rng(1).uniform(size=(7, 2))
     f = frequencies(16)
     a = embed_conditions(torch, torch.as_tensor(t), torch.as_tensor(f)).numpy()
-    jb = get_backend("jax", precision="float64")  # enables float64 in JAX
+    jb = backend64("jax")  # enables float64 in JAX
     b = np.asarray(embed_conditions(jb.xp, jb.from_numpy(t), jb.from_numpy(f)))
     assert a.shape == (7, 32)
     assert np.max(np.abs(a - b)) < TOL
@@ -50,7 +45,7 @@ def test_embedding_parity():
 
 
 def test_parameter_names_and_counts(pair):
-    tb, tm, jb, jm = pair
+    (tb, tm, _), (jb, jm, _) = (vars(side).values() for side in pair)
     pt, pj = tb.get_params(tm), jb.get_params(jm)
     assert pt.keys() == pj.keys()
     assert all(pt[k].shape == pj[k].shape for k in pt)
@@ -59,13 +54,8 @@ def test_parameter_names_and_counts(pair):
 
 def test_forward_parity(pair):
     x, c, y = inputs()
-
-    def run(bk, m):
-        return bk.to_numpy(m(bk.from_numpy(x), bk.from_numpy(c), bk.from_numpy(y)))
-
-    a, b = both(pair, run)
-    assert np.abs(a).max() > 1e-3  # the outputs are not trivially zero
-    assert np.max(np.abs(a - b)) < TOL
+    out = assert_same(pair, lambda bk, m, ema: m(bk.from_numpy(x), bk.from_numpy(c), bk.from_numpy(y)))
+    assert np.abs(out).max() > 1e-3  # the outputs are not trivially zero
 
 
 def test_jvp_parity_and_finite_differences(pair):
@@ -75,15 +65,13 @@ def test_jvp_parity_and_finite_differences(pair):
     # third derivative ~1e9 and central differences useless; a 1e-3 tangent keeps it O(1).
     dx, dc = rng.normal(size=x.shape), 1e-3 * rng.normal(size=c.shape)
 
-    def run(bk, m):
+    def run(bk, m, ema):
         yy = bk.from_numpy(y)
-        out, tan = bk.jvp(lambda a, b: m(a, b, yy), (bk.from_numpy(x), bk.from_numpy(c)),
-                          (bk.from_numpy(dx), bk.from_numpy(dc)))
-        return bk.to_numpy(out), bk.to_numpy(tan)
+        return bk.jvp(lambda a, b: m(a, b, yy), (bk.from_numpy(x), bk.from_numpy(c)),
+                      (bk.from_numpy(dx), bk.from_numpy(dc)))
 
-    (ot, tt), (oj, tj) = both(pair, run)
-    assert np.max(np.abs(ot - oj)) < TOL and np.max(np.abs(tt - tj)) < TOL
-    tb, tm, _, _ = pair
+    _, tt = assert_same(pair, run)
+    tb, tm = pair[0].bk, pair[0].model
     h = 1e-6
 
     def f(eps):
@@ -102,47 +90,49 @@ def _fixed_draws(bk, n, seed=3):
 def test_fm_loss_and_gradient_parity(fm_pair):
     x, _, y = inputs(8)
     y = y % CFG.n_classes
-    assert_same_loss_and_grads(fm_pair, lambda bk, m: fm.loss_from_draws(
-        bk, m, {"x": bk.from_numpy(x), "y": bk.from_numpy(y)}, _fixed_draws(bk, 8)))
+    assert_same_loss_and_grads(fm_pair, lambda bk, m, ema: fm.loss_from_draws(
+        bk, fm.Config(), m, ema, {"x": bk.from_numpy(x), "y": bk.from_numpy(y)}, _fixed_draws(bk, 8)))
 
 
 @pytest.mark.parametrize("solver", ["euler", "heun"])
 def test_sampler_parity(fm_pair, solver):
     z = np.random.default_rng(4).normal(size=(5, CFG.data_dim))
     y = np.array([0, 1, 2, 3, 4])  # label 4 is the "no label" class
-
-    def run(bk, m):
-        return integrate(bk, m, fm.velocity, bk.from_numpy(z), 4, solver, y=bk.from_numpy(y), trajectory=True)
-
-    a, b = both(fm_pair, run)
-    assert a.shape == (5, 5, CFG.data_dim)
-    assert np.max(np.abs(a - b)) < TOL
+    paths = assert_same(fm_pair, lambda bk, m, ema: integrate(bk, m, fm.velocity, bk.from_numpy(z), 4, solver,
+                                                             y=bk.from_numpy(y), trajectory=True))
+    assert paths.shape == (5, 5, CFG.data_dim)
 
 
-def test_train_step_parity(fm_pair):
-    """Adam (torch) and optax.adam compute the same updates, and the EMA the same average."""
+@pytest.mark.parametrize("target_decay", [None, 0.5])
+def test_train_step_parity(fm_pair, target_decay):
+    """Adam (torch) and optax.adam compute the same updates, and the EMAs the same averages; the loss
+    reads the target network when the state keeps one."""
     x, _, y = inputs(8)
     y = y % CFG.n_classes
-    tb, tm = fm_pair[0], fm_pair[1]
-    results = []
-    for bk in (fm_pair[0], fm_pair[2]):
-        m = bk.set_params(bk.make_model(FM_CFG, bk.key(1)), tb.get_params(tm))
-        state = bk.init_train_state(m, lr=1e-2, ema_decay=0.9)
+
+    def three_steps(bk, model, ema):
+        m = bk.set_params(bk.make_model(FM_CFG, bk.key(1)), bk.get_params(model))
+        state = bk.init_train_state(m, lr=1e-2, ema_decay=lambda step: 0.9 - 0.1 * step, target_decay=target_decay)
         draws = _fixed_draws(bk, 8)
         batch = {"x": bk.from_numpy(x), "y": bk.from_numpy(y)}
 
-        def loss_fn(model, ema, batch, key, step, bk=bk, draws=draws):
-            return fm.loss_from_draws(bk, model, batch, draws)
+        def loss_fn(model, target, batch, key, step, bk=bk, draws=draws):
+            fm_loss, aux = fm.loss_from_draws(bk, fm.Config(), model, target, batch, draws)
+            # ties the loss to the target network, so the test sees which network the step passed
+            return fm_loss + bk.xp.mean(target(batch["x"], draws["t"][:, None], None) ** 2), aux
 
         for i in range(3):
             state, loss, _ = bk.train_step(loss_fn, state, batch, np.arange(8), bk.key(i))
-        results.append((bk.get_params(state.model), bk.get_params(state.ema), float(loss)))
-    (pt, et, lt), (pj, ej, lj) = results
-    assert abs(lt - lj) < TOL
-    for k in pt:
-        assert np.max(np.abs(pt[k] - pj[k])) < TOL, k
-        assert np.max(np.abs(et[k] - ej[k])) < TOL, k
-    assert max(np.abs(pt[k] - tb.get_params(tm)[k]).max() for k in pt) > 1e-3  # it moved
+        averages = {"ema": bk.get_params(state.ema)}
+        if target_decay is not None:
+            averages["target"] = bk.get_params(state.target)
+        return {"model": bk.get_params(state.model), **averages, "loss": loss}
+
+    out = assert_same(fm_pair, three_steps)
+    start = fm_pair[0].bk.get_params(fm_pair[0].model)
+    assert max(np.abs(out["model"][k] - start[k]).max() for k in start) > 1e-3  # it moved
+    if target_decay is not None:  # the two averages used different decays
+        assert max(np.abs(out["ema"][k] - out["target"][k]).max() for k in start) > 1e-4
 
 
 @pytest.mark.parametrize("name", ["torch", "jax"])

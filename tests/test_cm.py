@@ -6,24 +6,25 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from parity import assert_same_loss_and_grads, make_pair
+from parity import assert_same_loss_and_grads, backend64, make_pair
 
 from onestep import get_backend, metrics
 from onestep.analytic import eight_gaussians
-from onestep.backends.base import MLPConfig
+from onestep.backends.architectures import MLPConfig
 from onestep.conventions import sigma_from_t, t_from_sigma, t_from_tau, tau_from_t, trigflow_scale
 from onestep.evaluation import reference
-from onestep.methods import cm
+from onestep.methods import cm, make_loss
+from onestep.ode import ode_step
 from onestep.presets import run_preset
-from onestep.sample import ode_step, sample_run
+from onestep.runs import fit, sample_run
 from onestep.teachers import oracle_teacher
-from onestep.train import fit, run_keys
+from onestep.train import run_keys
 
-NET = MLPConfig(data_dim=2, n_cond=cm.N_COND, width=32, depth=2, emb_dim=16, n_classes=3)
+NET = MLPConfig(data_dim=2, n_cond=cm.n_cond(cm.Config()), width=32, depth=2, emb_dim=16, n_classes=3)
 SIGMA_D = 2.0
 
 
-def config(variant: str, **changes) -> cm.CMConfig:
+def config(variant: str, **changes) -> cm.Config:
     """The smoke preset of a variant (so the presets are exercised too), with changes."""
     return replace(run_preset("cm", "8gaussians", "smoke", variant=variant).method_cfg, **changes)
 
@@ -39,7 +40,7 @@ def points(n=16, seed=0):
 
 
 def f_np(bk, model, cfg, z, t, y=None):
-    t = np.broadcast_to(np.asarray(t, dtype=float), (len(z),))
+    t = np.full(len(z), t, dtype=float)
     return bk.to_numpy(cm.consistency(bk, model, cfg, bk.from_numpy(z), bk.from_numpy(t),
                                       None if y is None else bk.from_numpy(y)))
 
@@ -47,7 +48,7 @@ def f_np(bk, model, cfg, z, t, y=None):
 @pytest.mark.parametrize("variant", ["ict", "sct"])
 @pytest.mark.parametrize("name", ["torch", "jax"])
 def test_boundary_holds_for_an_untrained_network(variant, name):
-    bk = get_backend(name, precision="float64")
+    bk = backend64(name)
     cfg = config(variant)
     model = bk.make_model(NET, bk.key(3))
     z, _, y = points()
@@ -60,7 +61,7 @@ def test_boundary_holds_for_an_untrained_network(variant, name):
 
 def test_edm_form_in_our_time_is_the_sigma_form_rescaled(pair):
     """``f_t(z, t) = (1 − ε)·f_σ(z/(1 − t), σ(t))`` with the EDM/CM weights written on σ."""
-    bk, model = pair[0], pair[1]
+    bk, model = pair[0].bk, pair[0].model
     cfg = config("ict", sigma_data=SIGMA_D)
     z, _, _ = points()
     sd, s_min = cfg.sigma_data, cfg.sigma_min
@@ -77,7 +78,7 @@ def test_edm_form_in_our_time_is_the_sigma_form_rescaled(pair):
 
 def test_trig_form_in_our_time_is_trigflow(pair):
     """``f_t(z, t) = cos τ·x_τ − σ_d sin τ·F(x_τ/σ_d, τ)`` with ``x_τ = a(τ)·z`` (sCM's form)."""
-    bk, model = pair[0], pair[1]
+    bk, model = pair[0].bk, pair[0].model
     cfg = config("sct", sigma_data=SIGMA_D)
     z, _, _ = points()
     for t in (0.05, 0.5, 0.95, 1.0):
@@ -97,7 +98,7 @@ def _discrete_draws(bk, n, s_lo, s_hi, seed=0):
 
 
 def test_targets_at_their_limits(pair):
-    bk, model = pair[0], pair[1]
+    bk, model = pair[0].bk, pair[0].model
     x0, _, _ = points(32)
     batch = {"x": bk.from_numpy(x0)}
     cfg = config("ct", sigma_data=SIGMA_D, target="online", distance="l2", weighting="uniform")
@@ -105,20 +106,20 @@ def test_targets_at_their_limits(pair):
     s_hi = 0.5
     draws = _discrete_draws(bk, 32, cfg.sigma_min, s_hi)
     noise = bk.to_numpy(draws["noise"])
-    loss, _ = cm.discrete_loss(bk, cfg, None, model, model, batch, draws)
+    loss, _ = cm.discrete_loss(bk, cfg, model, model, batch, draws)
     z_lo = (1 - cfg.t_min) * x0 + cfg.t_min * noise
     t_hi = t_from_sigma(s_hi)
     expected = np.mean(np.sum((f_np(bk, model, cfg, (1 - t_hi) * x0 + t_hi * noise, t_hi) - z_lo) ** 2, 1) / 2)
     assert float(loss) == pytest.approx(expected, rel=1e-12)
     # a zero-width interval with the online target: nothing to learn
-    loss, _ = cm.discrete_loss(bk, cfg, None, model, model, batch, _discrete_draws(bk, 32, 0.7, 0.7))
+    loss, _ = cm.discrete_loss(bk, cfg, model, model, batch, _discrete_draws(bk, 32, 0.7, 0.7))
     assert abs(float(loss)) < 1e-24
 
 
 def test_teacher_heun_step_is_third_order():
     """One Heun step of the exact field from t to s misses the exact flow map by O(h³)."""
     oracle = eight_gaussians()
-    bk = get_backend("torch", precision="float64")
+    bk = backend64("torch")
     teacher = oracle_teacher(bk, "8gaussians")
     z = oracle.sample(64, 0) * 0.6 + 0.8 * np.random.default_rng(1).normal(size=(64, 2))
     errors = []
@@ -132,7 +133,7 @@ def test_teacher_heun_step_is_third_order():
 
 def test_scm_tangent_is_cos_tau_times_the_total_derivative(pair):
     """``g = cos τ·df⁻/dτ`` along the exact ODE: a central difference converges to it like h²."""
-    bk, model = pair[0], pair[1]
+    bk, model = pair[0].bk, pair[0].model
     cfg = config("scd", sigma_data=SIGMA_D)
     oracle = eight_gaussians()
     rng = np.random.default_rng(0)
@@ -158,7 +159,7 @@ def _draws_for(bk, cfg, n, seed=0):
     rng = np.random.default_rng(seed)
     draws = {"noise": bk.from_numpy(rng.normal(size=(n, 2))), "drop": bk.from_numpy(rng.uniform(size=n) < 0.3)}
     if cfg.parameterisation == "trig":
-        draws["tau"] = bk.from_numpy(rng.uniform(0.05, 1.5, n))
+        draws["tau"], draws["warmup"] = bk.from_numpy(rng.uniform(0.05, 1.5, n)), bk.from_numpy(np.asarray(0.4))
     else:
         lo = rng.uniform(0.01, 20.0, n)
         draws["sigma_lo"], draws["sigma_hi"] = bk.from_numpy(lo), bk.from_numpy(lo * rng.uniform(1.05, 1.5, n))
@@ -167,25 +168,23 @@ def _draws_for(bk, cfg, n, seed=0):
 
 @pytest.mark.parametrize("variant", cm.VARIANTS)
 def test_loss_and_gradient_parity(pair, variant):
-    cfg = config(variant, sigma_data=SIGMA_D, total_steps=100, label_dropout=0.3)
+    cfg = config(variant, sigma_data=SIGMA_D, label_dropout=0.3)
     x0, _, y = points(12, seed=5)
     y = y % NET.n_classes
-    ema_params = {k: v * 0.9 for k, v in pair[0].get_params(pair[1]).items()}  # a distinct target network
 
-    def loss(bk, model):
-        ema = bk.set_params(bk.make_model(NET, bk.key(0)), ema_params)
-        teacher = oracle_teacher(bk, "8gaussians") if cfg.needs_teacher else None
+    def loss(bk, model, ema):
+        teacher = oracle_teacher(bk, "8gaussians") if cm.needs_teacher(cfg) else None
         batch = {"x": bk.from_numpy(x0), "y": bk.from_numpy(y)}
-        return cm.loss_from_draws(bk, cfg, teacher, model, ema, batch, _draws_for(bk, cfg, 12), 4)
+        return cm.loss_from_draws(bk, cfg, model, ema, batch, _draws_for(bk, cfg, 12), teacher)
 
     value = assert_same_loss_and_grads(pair, loss)
     assert np.isfinite(value) and value > 0
 
 
 def test_draws_follow_the_curriculum():
-    bk = get_backend("torch", precision="float64")
-    cfg = config("ict", sigma_data=SIGMA_D, total_steps=400, n_start=10, n_end=80)
-    grids = cm.curriculum_tables(bk, cfg)
+    bk = backend64("torch")
+    cfg = config("ict", sigma_data=SIGMA_D, n_start=10, n_end=80)
+    grids = cm.curriculum_tables(bk, cfg, 400)
     for step, n_levels in ((0, 11), (399, 81)):
         grid = cm.karras_sigmas(n_levels, cfg.sigma_min, cfg.sigma_max, cfg.rho)
         lo, hi = cm.draw_intervals(bk, grids, bk.key(step), 4000, step)
@@ -197,25 +196,42 @@ def test_draws_follow_the_curriculum():
         assert np.abs(counts - p).max() < 4 * np.sqrt(p.max() / 4000) + 1e-3
 
 
-def test_curricula_grow_and_ct_ema_rises():
-    ct = config("ct", total_steps=1000)
-    n = cm.n_schedule(ct)
+@pytest.mark.parametrize("name", ["torch", "jax"])
+def test_two_runs_of_one_config_share_its_curriculum_tables(name):
+    """The curriculum's device tables are built once per backend and reused by a second compiled loss
+    (a JAX table built while tracing the first step must not leak a tracer into the second)."""
+    bk = get_backend(name)
+    cfg = config("ict")
+    data = {"x": bk.from_numpy(np.random.default_rng(0).normal(size=(16, 2))), "y": None}
+    for _ in range(2):
+        state = bk.init_train_state(bk.make_model(replace(NET, n_classes=0), bk.key(0)), lr=1e-3, ema_decay=0.9)
+        state, loss, _ = bk.train_step(make_loss(bk, cfg, 50), state, data, np.arange(16), bk.key(1))
+        assert np.isfinite(float(loss))
+    assert (cm.curriculum_tables, (bk, cfg, 50)) in bk._cache
+
+
+def test_curricula_grow_and_ct_target_decay_rises():
+    ct = config("ct")
+    n = cm.n_schedule(ct, 1000)
     assert n[0] == ct.n_start and n[-1] <= ct.n_end + 1 and n[-1] >= ct.n_end - 1 and np.all(np.diff(n) >= 0)
-    mu = cm.ema_decay(ct, 0.999)
-    decays = [mu(k) for k in (0, 500, 999)]
+    decays = cm.target_decay(ct).table(1000)[[0, 500, 999]]
     assert decays[0] == pytest.approx(ct.mu0 ** (ct.n_start / n[0])) and decays[0] < decays[1] < decays[2] < 1
-    ict = config("ict", total_steps=1000, n_start=10, n_end=80)
-    assert sorted(set(cm.n_schedule(ict))) == [11, 21, 41, 81]
-    assert cm.ema_decay(ict, 0.99) == 0.99  # no EMA target: the EMA is only for evaluation
+    preset = run_preset("cm", "8gaussians", "smoke", variant="ct", steps=1000)
+    _, target = preset.train.decays()
+    assert [target(k) for k in (0, 500, 999)] == pytest.approx(decays, abs=0)  # the run's target network follows μ(k)
+    ict = config("ict", n_start=10, n_end=80)
+    assert sorted(set(cm.n_schedule(ict, 1000))) == [11, 21, 41, 81]
+    assert cm.target_decay(ict) is None  # iCT's target is the online network under stop-gradient
+    assert cm.target_decay(config("cd")) == 0.95
 
 
-def test_multistep_sampling_uses_the_schedule_and_the_seed(pair):
-    bk, model = pair[0], pair[1]
+def test_multistep_sampling_uses_the_schedule_and_the_key(pair):
+    bk, model = pair[0].bk, pair[0].model
     cfg = config("ict", sigma_data=SIGMA_D)
     x1 = bk.from_numpy(np.random.default_rng(0).normal(size=(8, 2)))
-    one = bk.to_numpy(cm.sample(bk, model, cfg, x1, 1))
+    one = bk.to_numpy(cm.sample(bk, cfg, model, x1, 1, bk.key(0)))
     assert np.allclose(one, f_np(bk, model, cfg, cfg.t_max * bk.to_numpy(x1), cfg.t_max), atol=1e-12)
-    a, b, c = (bk.to_numpy(cm.sample(bk, model, cfg, x1, 3, seed=s)) for s in (0, 0, 1))
+    a, b, c = (bk.to_numpy(cm.sample(bk, cfg, model, x1, 3, bk.key(s))) for s in (0, 0, 1))
     assert np.array_equal(a, b) and not np.allclose(a, c)
     times = cm.sampling_times(cfg, 3)
     assert times[0] == pytest.approx(cfg.t_max) and np.all(np.diff(times) < 0) and times[-1] > cfg.t_min
@@ -226,7 +242,7 @@ def test_converges_at_smoke_scale(name, variant):
     """One-step samples of a trained model beat an untrained one by a wide margin (W2 to fresh data, n = 1000)."""
     bk = get_backend(name)
     preset = run_preset("cm", "8gaussians", "smoke", variant=variant)
-    teacher = oracle_teacher(bk, "8gaussians") if preset.method_cfg.needs_teacher else None
+    teacher = oracle_teacher(bk, "8gaussians") if cm.needs_teacher(preset.method_cfg) else None
     state, _, _ = fit(bk, preset, seed=0, teacher=teacher)
     noise = np.random.default_rng(1).normal(size=(1000, 2))
     ref = reference("8gaussians", 1000)
@@ -241,19 +257,20 @@ def test_converges_at_smoke_scale(name, variant):
 
 def test_bad_input():
     with pytest.raises(ValueError, match=r"unknown variant 'xyz'.*ict, ct, cd, sct, scd"):
-        cm.CMConfig(variant="xyz")
+        cm.Config(variant="xyz")
     with pytest.raises(ValueError, match=r"must not shrink: n_end = 5 < n_start = 10"):
-        cm.CMConfig(n_start=10, n_end=5)
+        cm.Config(n_start=10, n_end=5)
     with pytest.raises(ValueError, match=r"unknown variant 'cdx' of method 'cm'"):
         run_preset("cm", "8gaussians", "smoke", variant="cdx")
     bk = get_backend("torch")
-    with pytest.raises(ValueError, match=r"needs a teacher.*--teacher exact.*--teacher RUN_DIR"):
-        cm.make_loss(bk, config("cd"))
+    with pytest.raises(ValueError, match=r"'cm' \(variant 'cd'\).*needs a teacher.*--teacher exact.*RUN_DIR"):
+        make_loss(bk, config("cd"), 100)
     with pytest.raises(ValueError, match=r"trains without a teacher"):
-        cm.make_loss(bk, config("sct"), teacher=oracle_teacher(bk, "8gaussians"))
-    model = bk.make_model(NET, bk.key(0))
-    with pytest.raises(ValueError, match=r"samples by jumps.*'heun'"):
-        cm.sample(bk, model, config("ict"), bk.from_numpy(np.zeros((2, 2))), 1, solver="heun")
+        make_loss(bk, config("sct"), 100, teacher=oracle_teacher(bk, "8gaussians"))
+    with pytest.raises(ValueError, match=r"total_steps must be a positive integer.*got 0"):
+        make_loss(bk, config("sct"), 0)
+    with pytest.raises(ValueError, match=r"mu0 must be in \[0, 1\), got 1.0"):
+        cm.Config(mu0=1.0)
     with pytest.raises(ValueError, match=r"positive integer, got 0"):
         cm.sampling_times(config("ict"), 0)
     with pytest.raises(ValueError, match=r"'checkerboard' has no exact velocity"):

@@ -1,10 +1,9 @@
-"""The adapters from the papers' notations to the book's single time convention."""
+"""The book's single time convention and the papers' time variables (EDM σ, TrigFlow τ)."""
 from __future__ import annotations
 
 import numpy as np
 
 from onestep import conventions
-from onestep.analytic import eight_gaussians
 
 
 def test_sigma_and_t_are_inverse_and_describe_the_linear_path():
@@ -15,24 +14,22 @@ def test_sigma_and_t_are_inverse_and_describe_the_linear_path():
     rng = np.random.default_rng(0)
     x0, x1 = rng.normal(size=(50, 3)), rng.normal(size=(50, 3))
     z = (1 - t)[:, None] * x0 + t[:, None] * x1
-    assert np.allclose(z / (1 - t)[:, None], x0 + sigma[:, None] * x1, atol=1e-12)
+    assert np.allclose(conventions.edm_point(z, t[:, None]), x0 + sigma[:, None] * x1, atol=1e-12)
     assert np.isclose(conventions.sigma_from_t(conventions.T_MAX), conventions.EDM_SIGMA_MAX)
     assert np.isclose(conventions.sigma_from_t(conventions.T_MIN), conventions.EDM_SIGMA_MIN)
 
 
-def test_noise_at_zero_papers_flip_time_and_velocity():
-    """A path written with noise at tau = 0 is the same path run backwards: v = -v_paper."""
+def test_trigflow_time_has_the_same_noise_to_signal_ratio():
+    sd = 0.7
+    t = np.linspace(0.0, 1.0, 41)
+    tau = conventions.tau_from_t(np, t, sd)
+    assert np.allclose(conventions.t_from_tau(np, tau, sd), t, rtol=0, atol=1e-14)
+    assert tau[0] == 0 and np.isclose(tau[-1], np.pi / 2)
+    inner = slice(1, -1)
+    assert np.allclose(sd * np.tan(tau[inner]), conventions.sigma_from_t(t[inner]), rtol=1e-12)
+    # x_τ = cos τ·x0 + sin τ·σ_d·x1 is a(τ)·z_t
     rng = np.random.default_rng(1)
-    x0, x1, tau = rng.normal(size=3), rng.normal(size=3), 0.3
-    v_paper = x0 - x1  # d/dtau of tau*x0 + (1 - tau)*x1, the noise-at-0 path
-    t, v = conventions.from_noise_at_zero(tau, v_paper)
-    assert np.isclose(t, 0.7) and np.allclose(v, x1 - x0)
-    assert conventions.logit_normal_mean_in_our_orientation(-0.4) == 0.4
-
-
-def test_flow_map_from_average_velocity_is_the_exact_map():
-    gmm = eight_gaussians()
-    z = np.random.default_rng(2).normal(size=(20, 2))
-    u = gmm.average_velocity(z, 0.2, 0.9)
-    assert np.allclose(conventions.flow_map_from_average_velocity(z, u, 0.9, 0.2), gmm.flow_map(z, 0.9, 0.2),
-                       atol=1e-10)
+    x0, x1 = rng.normal(size=(41, 2)), rng.normal(size=(41, 2))
+    z = (1 - t)[:, None] * x0 + t[:, None] * x1
+    x_tau = np.cos(tau)[:, None] * x0 + np.sin(tau)[:, None] * sd * x1
+    assert np.allclose(conventions.trigflow_scale(np, tau, sd)[:, None] * z, x_tau, atol=1e-12)

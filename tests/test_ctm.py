@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from parity import assert_same_loss_and_grads, backend64, make_pair
 
-from onestep import analytic, get_backend, metrics
-from onestep.backends.base import MLPConfig
+from onestep import BACKENDS, analytic, get_backend, metrics
+from onestep.backends.architectures import MLPConfig
 from onestep.evaluation import reference
-from onestep.methods import ctm
+from onestep.methods import ctm, flowmap, make_loss
 from onestep.presets import run_preset
+from onestep.runs import fit
 from onestep.teachers import oracle_teacher
-from onestep.train import fit, run_keys
+from onestep.train import run_keys
 
-BACKENDS = ["torch", "jax"]
-TOL = 1e-10
-CFG = ctm.CTMConfig(sigma_data=2.0, teacher_steps=3)
-NET = MLPConfig(data_dim=2, n_cond=ctm.N_COND, width=32, depth=2, n_classes=4)
+CFG = ctm.Config(sigma_data=2.0, teacher_steps=3)
+NET = MLPConfig(data_dim=2, n_cond=ctm.n_cond(ctm.Config()), width=32, depth=2, n_classes=4)
+
+
+def jump(bk, model, z, *times):
+    """The learned map along ``times`` (one jump per pair of neighbours)."""
+    return flowmap.sample_jumps(bk, ctm.average_velocity, model, CFG, z, times)
 
 
 def rows(n=64, seed=0):
@@ -31,7 +36,7 @@ def rows(n=64, seed=0):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_boundary_holds_for_an_untrained_net(name):
-    bk = get_backend(name, precision="float64")
+    bk = backend64(name)
     model = bk.make_model(NET, bk.key(0))
     z, t, u, _ = rows()
     Z, T = bk.from_numpy(z), bk.from_numpy(t)
@@ -44,17 +49,19 @@ def test_boundary_holds_for_an_untrained_net(name):
 @pytest.mark.parametrize("name", BACKENDS)
 def test_flow_map_form_equals_ctm_sigma_form(name):
     """``f(z, t, r) = (1 − r)·G(z/(1 − t), σ_t, σ_r)`` with ``g = z − t·U`` (CTM's parameterisation)."""
-    bk = get_backend(name, precision="float64")
+    bk = backend64(name)
     model = bk.make_model(NET, bk.key(1))
     z, t, r, _ = rows(seed=1)
     t, r = np.minimum(t, 0.98), np.minimum(r, 0.97)
     Z, T, R = bk.from_numpy(z), bk.from_numpy(t), bk.from_numpy(r)
-    U = ctm.average_velocity(bk, model, CFG, Z, T, R)
-    g = ctm.ctm_g(Z, T, U)
-    G = ctm.ctm_jump(Z / (1 - T)[:, None], T / (1 - T), R / (1 - R), g)
+    U = ctm.average_velocity(bk, model, CFG, Z, R, T)
+    g = flowmap.ctm_g(Z, T, U)
+    x, sigma_t, sigma_r = z / (1 - t)[:, None], t / (1 - t), r / (1 - r)  # CTM's EDM variables, by hand
+    G = (sigma_r / sigma_t)[:, None] * x + (1 - sigma_r / sigma_t)[:, None] * bk.to_numpy(g)
     ours = bk.to_numpy(ctm.flow_map(bk, model, CFG, Z, T, R))
-    assert np.max(np.abs(ours - bk.to_numpy((1 - R)[:, None] * G))) < 1e-12
-    assert np.max(np.abs(bk.to_numpy(ctm.average_velocity_from_g(Z, T, g) - U))) < 1e-12
+    assert np.max(np.abs(ours - (1 - r)[:, None] * G)) < 1e-12
+    assert np.max(np.abs(bk.to_numpy(flowmap.ctm_jump(Z, T, R, g)) - ours)) < 1e-12
+    assert np.max(np.abs(bk.to_numpy(flowmap.average_velocity_from_g(Z, T, g) - U))) < 1e-12
 
 
 def test_exact_map_is_a_semigroup():
@@ -75,54 +82,34 @@ def _fixed_draws(bk, n, seed=3):
             "dsm_x1": bk.from_numpy(rng.normal(size=(n, 2))), "drop": bk.from_numpy(rng.uniform(size=n) < 0.3)}
 
 
+@pytest.fixture(scope="module")
+def pair():
+    return make_pair(NET)
+
+
 @pytest.mark.parametrize("balance", ctm.BALANCES)
-def test_loss_and_gradient_parity(balance):
+def test_loss_and_gradient_parity(pair, balance):
     """Same float64 weights (online and a different EMA net), data and draws: same loss, parts and
-    parameter gradients in torch and JAX."""
-    import equinox as eqx
-
-    from onestep.backends.jax_backend.params import to_flat
-
-    cfg = ctm.CTMConfig(sigma_data=2.0, teacher_steps=3, dsm_balance=balance)
-    tb, jb = get_backend("torch", precision="float64"), get_backend("jax", precision="float64")
-    params = tb.get_params(tb.make_model(NET, tb.key(0)))
-    ema_params = tb.get_params(tb.make_model(NET, tb.key(1)))
+    parameter gradients in torch and JAX; no gradient reaches the EMA net."""
+    cfg = ctm.Config(sigma_data=2.0, teacher_steps=3, dsm_balance=balance)
     rng = np.random.default_rng(4)
     x, y = rng.normal(size=(16, 2)) * 2, rng.integers(0, 4, 16)
 
-    def setup(bk):
-        state = bk.init_train_state(bk.set_params(bk.make_model(NET, bk.key(0)), params), lr=1e-3,
-                                    ema_decay=0.9)  # the EMA as training holds it (frozen in torch)
-        model, ema = state.model, bk.set_params(state.ema, ema_params)
+    def loss(bk, model, ema):
         batch = {"x": bk.from_numpy(x), "y": bk.from_numpy(y)}
-        return model, ema, batch, oracle_teacher(bk, "8gaussians"), _fixed_draws(bk, 16)
+        return ctm.loss_from_draws(bk, cfg, model, ema, batch, _fixed_draws(bk, 16), oracle_teacher(bk, "8gaussians"))
 
-    model, ema, batch, teacher, draws = setup(tb)
-    loss_t, aux_t = ctm.loss_from_draws(tb, cfg, teacher, model, ema, batch, draws)
-    loss_t.backward()
-    grads_t = {k: p.grad.numpy() for k, p in model.named_parameters()}
-    assert all(p.grad is None for p in ema.parameters())
-
-    model, ema, batch, teacher, draws = setup(jb)
-    (loss_j, aux_j), grads_j = eqx.filter_value_and_grad(
-        lambda m: ctm.loss_from_draws(jb, cfg, teacher, m, ema, batch, draws), has_aux=True)(model)
-    grads_j = to_flat(grads_j)
-
-    assert abs(loss_t.item() - float(loss_j)) < TOL
-    for k in ("ctm", "dsm", "dsm_weight"):
-        assert abs(aux_t[k].item() - float(aux_j[k])) < TOL, k
-    assert aux_t["ctm"].item() > 1e-3 and aux_t["dsm"].item() > 1e-3
-    assert grads_t.keys() == grads_j.keys()
-    for k, grad in grads_t.items():
-        assert np.max(np.abs(grad - grads_j[k])) < TOL, k
-    assert max(np.abs(g).max() for g in grads_t.values()) > 1e-4
+    assert_same_loss_and_grads(pair, loss)
+    assert all(p.grad is None for p in pair[0].ema.parameters())
+    _, aux = loss(pair[0].bk, pair[0].model, pair[0].ema)
+    assert float(aux["ctm"]) > 1e-3 and float(aux["dsm"]) > 1e-3
 
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_draws_are_ordered(name):
     bk = get_backend(name)
-    d = {k: bk.to_numpy(v) for k, v in ctm.draw(bk, bk.key(0), {"x": bk.from_numpy(np.zeros((4000, 2)))},
-                                                   CFG).items()}
+    d = {k: bk.to_numpy(v) for k, v in ctm.draw(bk, CFG, bk.key(0), {"x": bk.from_numpy(np.zeros((4000, 2)))},
+                                                   0, 100).items()}
     assert np.all(d["t"] <= 1) and np.all(d["s"] >= 0)
     assert np.all(d["s"] <= d["u"]) and np.all(d["u"] <= d["t"])
     assert d["t"].max() > 0.999 and d["t"].min() < 0.01  # t spans (0, 1]
@@ -133,24 +120,25 @@ def test_draws_are_ordered(name):
 def test_gamma_sampler_mechanics(name):
     """γ = 0 chains deterministic jumps on the grid; γ = 1 jumps to the data and renoises to the
     next time (consistency-model multistep); 0 < γ < 1 jumps to σ' = √(1 − γ²)σ and renoises."""
-    bk = get_backend(name, precision="float64")
+    bk = backend64(name)
     model = bk.make_model(NET, bk.key(2))
     x1 = np.random.default_rng(5).normal(size=(32, 2))
     X1 = bk.from_numpy(x1)
 
     def out(**kw):
-        return bk.to_numpy(ctm.sample(bk, model, CFG, X1, 2, seed=7, **kw))
+        return bk.to_numpy(ctm.sample(bk, CFG, model, X1, 2, bk.key(7), **kw))
 
-    deterministic = ctm.jump(bk, model, CFG, ctm.jump(bk, model, CFG, X1, 1.0, 0.5), 0.5, 0.0)
+    deterministic = jump(bk, model, X1, 1.0, 0.5, 0.0)
     assert np.max(np.abs(out(gamma=0.0) - bk.to_numpy(deterministic))) < 1e-12
-    eps = bk.from_numpy(np.random.default_rng(7).standard_normal((32, 2)))
-    renoised = 0.5 * ctm.jump(bk, model, CFG, X1, 1.0, 0.0) + 0.5 * eps
-    assert np.max(np.abs(out(gamma=1.0) - bk.to_numpy(ctm.jump(bk, model, CFG, renoised, 0.5, 0.0)))) < 1e-12
+    eps = bk.normal(bk.split(bk.key(7), 2)[0], (32, 2))  # the noise of the first renoising
+    renoised = 0.5 * jump(bk, model, X1, 1.0, 0.0) + 0.5 * eps
+    assert np.max(np.abs(out(gamma=1.0) - bk.to_numpy(jump(bk, model, renoised, 0.5, 0.0)))) < 1e-12
     gamma = 0.6
     t_jump = ctm.gamma_jump_time(0.5, gamma)
     assert abs(t_jump / (1 - t_jump) - np.sqrt(1 - gamma**2) * 1.0) < 1e-12  # σ' = √(1 − γ²)·σ(0.5)
-    mid = ctm.jump(bk, model, CFG, X1, 1.0, t_jump) / (1 - t_jump) + gamma * eps
-    expected = ctm.jump(bk, model, CFG, 0.5 * mid, 0.5, 0.0)
+    assert ctm.gamma_jump_time(1.0, gamma) == 1.0 and ctm.gamma_jump_time(0.5, 1.0) == 0.0
+    mid = jump(bk, model, X1, 1.0, t_jump) / (1 - t_jump) + gamma * eps
+    expected = jump(bk, model, 0.5 * mid, 0.5, 0.0)
     assert np.max(np.abs(out(gamma=gamma) - bk.to_numpy(expected))) < 1e-12
     assert np.array_equal(out(), out(gamma=CFG.gamma))  # the config's γ is the default
 
@@ -170,7 +158,8 @@ def test_ctm_converges_at_smoke_scale(name):
     ref = reference("8gaussians", 1000)
 
     def w2_of(model):
-        return metrics.w2(bk.to_numpy(ctm.sample(bk, model, preset.method_cfg, bk.from_numpy(noise), 1)), ref)
+        return metrics.w2(bk.to_numpy(ctm.sample(bk, preset.method_cfg, model, bk.from_numpy(noise), 1, bk.key(0))),
+                          ref)
 
     untrained = bk.make_model(preset.model, run_keys(bk, 0)[0])
     trained_w2, untrained_w2, noise_w2 = w2_of(state.ema), w2_of(untrained), metrics.w2(noise, ref)
@@ -182,18 +171,16 @@ def test_ctm_converges_at_smoke_scale(name):
 def test_bad_input():
     bk = get_backend("torch")
     with pytest.raises(ValueError, match="needs a teacher.*--teacher exact.*RUN_DIR"):
-        ctm.make_loss(bk, CFG)
+        make_loss(bk, CFG, 100)
     model = bk.make_model(NET, bk.key(0))
     x1 = bk.from_numpy(np.zeros((3, 2)))
     with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\].*got 1.5"):
-        ctm.sample(bk, model, CFG, x1, 2, gamma=1.5)
+        ctm.sample(bk, CFG, model, x1, 2, bk.key(0), gamma=1.5)
     with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\].*got -0.1"):
-        ctm.CTMConfig(gamma=-0.1)
+        ctm.Config(gamma=-0.1)
     with pytest.raises(ValueError, match=r"0 ≤ r ≤ t ≤ 1, got t = 0.3, r = 0.6"):
-        ctm.jump(bk, model, CFG, x1, 0.3, 0.6)
+        jump(bk, model, x1, 0.3, 0.6)
     with pytest.raises(ValueError, match="positive integer, got 0"):
-        ctm.sample(bk, model, CFG, x1, 0)
-    with pytest.raises(ValueError, match="samples by jumps"):
-        ctm.sample(bk, model, CFG, x1, 1, solver="heun")
+        ctm.sample(bk, CFG, model, x1, 0, bk.key(0))
     with pytest.raises(ValueError, match="unknown dsm_balance 'gradnorm'; accepted: adaptive, fixed"):
-        ctm.CTMConfig(dsm_balance="gradnorm")
+        ctm.Config(dsm_balance="gradnorm")

@@ -151,6 +151,13 @@ def test_registry_agrees_with_loaded_data():
         assert d.n_classes == dataset_info(name).n_classes
 
 
+@pytest.mark.parametrize("name", [n for n in DATASETS if n != "cifar10"])  # no CIFAR-10 copy on a CI machine
+def test_recorded_rms_is_the_data_rms(name):
+    """``DatasetInfo.rms`` (the σ_d of CM, CTM and sCM) is the RMS of 2000 training samples, to 0.01."""
+    x = load(name, n=2000, seed=0).x.astype(np.float64)
+    assert abs(dataset_info(name).rms - np.sqrt(np.mean(x**2))) <= 0.005 + 1e-12
+
+
 def test_batch_indices_depend_only_on_seed_and_step():
     a = [batch_indices(100, 32, seed=5, step=s) for s in range(6)]
     b = [batch_indices(100, 32, seed=5, step=s) for s in reversed(range(6))][::-1]

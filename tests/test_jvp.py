@@ -13,10 +13,10 @@ from parity import assert_same_loss_and_grads, make_pair
 from torch.utils.flop_counter import FlopCounterMode
 
 from onestep import get_backend
-from onestep.backends.base import MLPConfig, UNetConfig, model_shape
+from onestep.backends.architectures import MLPConfig, UNetConfig, model_shape
 from onestep.backends.embedding import EMBEDDING_TIME_SCALE
 from onestep.backends.torch_backend import tangent
-from onestep.paths import expand, interpolate
+from onestep.paths import LINEAR, expand
 
 torch.set_num_threads(1)
 
@@ -24,7 +24,8 @@ TOL = 1e-10
 NETS = {
     "mlp-1": MLPConfig(data_dim=3, n_cond=1, width=32, depth=3, n_classes=4),
     "mlp-2": MLPConfig(data_dim=3, n_cond=2, width=32, depth=3, n_classes=4),
-    "unet-2": UNetConfig(channels=2, size=8, n_cond=2, base=8, mults=(1, 2), emb_dim=16, n_classes=4),
+    "unet-2": UNetConfig(channels=2, size=8, n_cond=2, base=8, mults=(1, 2), emb_dim=16, n_classes=4,
+                        attention=(4,), head_channels=8),  # two heads at 4×4 and in the middle
 }
 TWO_TIME = ["mlp-2", "unet-2"]
 N = 5
@@ -64,7 +65,7 @@ def meanflow_loss(bk, model, d):
     x0, x1, t, r, y = (bk.from_numpy(d[k]) for k in ("x0", "x1", "t", "r", "y"))
     v = x1 - x0
     u, du_dt = bk.jvp(lambda z, r_, t_: model(z, bk.xp.stack([r_, t_], axis=1), y),
-                      (interpolate(x0, x1, t), r, t), (v, bk.xp.zeros_like(r), bk.xp.ones_like(t)))
+                      (LINEAR.sample(bk.xp, x0, x1, t), r, t), (v, bk.xp.zeros_like(r), bk.xp.ones_like(t)))
     target = bk.stop_gradient(v - expand(t - r, v) * du_dt)
     return bk.xp.mean((u - target) ** 2), {}
 
@@ -182,13 +183,13 @@ def test_objective_gradients_equal_the_reference(loss, name):
         assert (g_fast[k] - g_ref[k]).abs().max() < TOL, k
 
 
-@pytest.mark.parametrize("loss, name", CASES)
+@pytest.mark.parametrize("loss, name", [case for case in CASES if case[1].startswith("mlp")])
 def test_objective_torch_jax_parity(loss, name):
-    tb, tm, jb, jm = make_pair(NETS[name])
-    params = perturbed(tb.get_params(tm))
-    pair = tb, tb.set_params(tm, params), jb, jb.set_params(jm, params)
+    """Both backends' JVP objectives agree (the U-Nets' forward parity, attention included, is
+    test_unet's; eager JAX takes half a minute over this U-Net's JVP)."""
+    pair = make_pair(NETS[name], weight_noise=0.1)
     d = draws(NETS[name])
-    assert_same_loss_and_grads(pair, lambda bk, m: LOSSES[loss](bk, m, d))
+    assert_same_loss_and_grads(pair, lambda bk, m, ema: LOSSES[loss](bk, m, d))
 
 
 def test_jax_tangent_is_stop_gradient():
@@ -211,24 +212,29 @@ def test_jax_tangent_is_stop_gradient():
 def fm_loss(bk, model, d):
     """Flow matching on the same two-time network: the baseline step."""
     x0, x1, t, y = (bk.from_numpy(d[k]) for k in ("x0", "x1", "t", "y"))
-    err = model(interpolate(x0, x1, t), bk.xp.stack([t, t], axis=1), y) - (x1 - x0)
+    err = model(LINEAR.sample(bk.xp, x0, x1, t), bk.xp.stack([t, t], axis=1), y) - (x1 - x0)
     return bk.xp.mean(err**2), {}
 
 
 @pytest.mark.parametrize("name", TWO_TIME)
 def test_torch_jvp_step_adds_one_forward_of_flops(name):
-    """Matmul/conv FLOPs: MeanFlow step = FM step (forward + backward) + one tangent forward."""
+    """Matmul/conv FLOPs: MeanFlow step = FM step (forward + backward) + one tangent forward, in which
+    attention's two products of activations (``q·k``, ``w·v``: batched matmuls) count twice, once per
+    factor's tangent."""
     tb, model = torch_model(name)
     d = draws(NETS[name])
 
     def flops(run):
         with FlopCounterMode(display=False) as counter:
             run()
-        return counter.get_total_flops()
+        by_op = counter.get_flop_counts()["Global"]
+        return counter.get_total_flops(), by_op.get(torch.ops.aten.bmm, 0)
 
-    forward = flops(lambda: model(tb.from_numpy(d["x0"]), tb.from_numpy(np.ones((N, 2))), tb.from_numpy(d["y"])))
-    fm, mf = (flops(lambda loss=loss: loss(tb, model, d)[0].backward()) for loss in (fm_loss, meanflow_loss))
-    assert mf == fm + forward, (fm, forward, mf)
+    forward, products = flops(lambda: model(tb.from_numpy(d["x0"]), tb.from_numpy(np.ones((N, 2))),
+                                            tb.from_numpy(d["y"])))
+    assert (products > 0) == (name == "unet-2")
+    (fm, _), (mf, _) = (flops(lambda loss=loss: loss(tb, model, d)[0].backward()) for loss in (fm_loss, meanflow_loss))
+    assert mf == fm + forward + products, (fm, forward, products, mf)
 
 
 def test_jax_jvp_step_adds_one_forward_of_matmuls():
@@ -252,7 +258,7 @@ def test_jax_jvp_step_adds_one_forward_of_matmuls():
     steps = {}
     for objective, loss in (("fm", fm_loss), ("meanflow", meanflow_loss)):
         state = jb.init_train_state(model, lr=1e-3, ema_decay=0.9)
-        step = jb._compiled_step(lambda m, ema, batch, key, i, loss=loss: loss(jb, m, d), state.extra["optimizer"])
-        steps[objective] = count(step.lower(state.model, state.ema, state.opt_state, data, np.arange(N), jb.key(0),
-                                        np.asarray(0, np.uint32), np.float64(0.9)))
+        step = jb._compiled_step(lambda m, target, batch, key, i, loss=loss: loss(jb, m, d), state.optimizer)
+        steps[objective] = count(step.lower(state.model, state.ema, None, state.opt_state, data, np.arange(N),
+                                            jb.key(0), np.asarray(0, np.uint32), np.float64(0.9), None))
     assert steps["meanflow"] == steps["fm"] + forward, steps

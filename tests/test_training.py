@@ -7,20 +7,24 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from onestep import get_backend, metrics
-from onestep.backends.base import MLPConfig
+from onestep import BACKENDS, get_backend, metrics
+from onestep.backends.architectures import MLPConfig
 from onestep.data import load
 from onestep.evaluation import reference
-from onestep.methods import fm
+from onestep.methods import fm, make_loss
 from onestep.presets import run_preset
-from onestep.train import NonFiniteLoss, TrainConfig, fit, run_keys, train
+from onestep.runs import fit
+from onestep.train import NonFiniteLoss, TrainConfig, init_state, run_keys, train
 
-BACKENDS = ["torch", "jax"]
 SMALL = MLPConfig(data_dim=2, width=32, depth=2)
 
 
-def small_state(bk, seed=0, cfg=SMALL):
-    return bk.init_train_state(bk.make_model(cfg, run_keys(bk, seed)[0]), lr=1e-3, ema_decay=0.9)
+def small_state(bk, seed=0, cfg=SMALL, target_decay=None):
+    return init_state(bk, cfg, TrainConfig(steps=1, batch_size=1, ema_decay=0.9, target_decay=target_decay), seed)
+
+
+def fm_loss(bk):
+    return make_loss(bk, fm.Config(), 100)
 
 
 @pytest.fixture(scope="module")
@@ -30,20 +34,21 @@ def data():
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_resume_reaches_the_same_weights(name, data, tmp_path):
+    """Bitwise, for the model and both averages (the sampling EMA and a target network)."""
     bk = get_backend(name)
-    loss_fn = fm.make_loss(bk, fm.FMConfig())
+    loss_fn = fm_loss(bk)
     cfg = TrainConfig(steps=12, batch_size=64, log_every=4)
-    straight, _ = train(bk, loss_fn, small_state(bk), data, cfg, seed=3)
+    straight, _ = train(bk, loss_fn, small_state(bk, target_decay=0.5), data, cfg, seed=3)
 
     ckpt = str(tmp_path / "ckpt")
-    train(bk, loss_fn, small_state(bk), data, replace(cfg, steps=5), seed=3, ckpt_path=ckpt)
-    resumed, _ = train(bk, loss_fn, small_state(bk), data, cfg, seed=3, ckpt_path=ckpt, resume=True)
-    a, b = bk.get_params(straight.model), bk.get_params(resumed.model)
+    train(bk, loss_fn, small_state(bk, target_decay=0.5), data, replace(cfg, steps=5), seed=3, ckpt_path=ckpt)
+    resumed, _ = train(bk, loss_fn, small_state(bk, target_decay=0.5), data, cfg, seed=3, ckpt_path=ckpt,
+                       resume=True)
     assert resumed.step == 12
-    for k in a:
-        assert np.array_equal(a[k], b[k]), k
-    ea, eb = bk.get_params(straight.ema), bk.get_params(resumed.ema)
-    assert all(np.array_equal(ea[k], eb[k]) for k in ea)
+    for net in ("model", "ema", "target"):
+        a, b = bk.get_params(getattr(straight, net)), bk.get_params(getattr(resumed, net))
+        assert all(np.array_equal(a[k], b[k]) for k in a), net
+    a = bk.get_params(straight.model)
     fresh = bk.get_params(small_state(bk).model)
     assert any(not np.array_equal(a[k], fresh[k]) for k in a)  # training did something
 
@@ -51,7 +56,7 @@ def test_resume_reaches_the_same_weights(name, data, tmp_path):
 @pytest.mark.parametrize("name", BACKENDS)
 def test_nan_stops_and_keeps_the_last_good_checkpoint(name, data, tmp_path):
     bk = get_backend(name)
-    good = fm.make_loss(bk, fm.FMConfig())
+    good = fm_loss(bk)
 
     def poisoned(model, ema, batch, key, step):
         loss, aux = good(model, ema, batch, key, step)
@@ -70,8 +75,7 @@ def test_checkpoints_refuse_the_wrong_model(data, tmp_path):
     tb, jb = get_backend("torch"), get_backend("jax")
     cfg = TrainConfig(steps=2, batch_size=64)
     for bk in (tb, jb):
-        train(bk, fm.make_loss(bk, fm.FMConfig()), small_state(bk), data, cfg, seed=0,
-              ckpt_path=str(tmp_path / bk.name))
+        train(bk, fm_loss(bk), small_state(bk), data, cfg, seed=0, ckpt_path=str(tmp_path / bk.name))
     with pytest.raises(ValueError, match="not a jax onestep checkpoint|'torch' checkpoint"):
         jb.load(small_state(jb), str(tmp_path / "torch"))
     with pytest.raises(ValueError, match="not a torch onestep checkpoint"):
@@ -80,6 +84,8 @@ def test_checkpoints_refuse_the_wrong_model(data, tmp_path):
     for bk in (tb, jb):
         with pytest.raises(ValueError, match="does not match the model"):
             bk.load(small_state(bk, cfg=wider), str(tmp_path / bk.name))
+        with pytest.raises(ValueError, match="target network|does not match the model"):  # another method's state
+            bk.load(small_state(bk, target_decay=0.5), str(tmp_path / bk.name))
 
 
 def test_bad_train_config():
@@ -87,6 +93,8 @@ def test_bad_train_config():
         TrainConfig(steps=0, batch_size=8)
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got -2"):
         TrainConfig(steps=5, batch_size=-2)
+    with pytest.raises(ValueError, match=r"target_decay must be in \[0, 1\) or a schedule, got 1.5"):
+        TrainConfig(steps=5, batch_size=2, target_decay=1.5)
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -104,7 +112,8 @@ def test_fm_converges_at_smoke_scale(name):
     ref = reference("8gaussians", 1000)
 
     def w2_of(model):
-        return metrics.w2(bk.to_numpy(fm.generate(bk, model, bk.from_numpy(noise), 16, "heun")), ref)
+        return metrics.w2(bk.to_numpy(fm.sample(bk, preset.method_cfg, model, bk.from_numpy(noise), 16, bk.key(0))),
+                          ref)
 
     untrained = bk.make_model(preset.model, run_keys(bk, 0)[0])
     trained_w2, untrained_w2, noise_w2 = w2_of(state.ema), w2_of(untrained), metrics.w2(noise, ref)

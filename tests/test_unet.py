@@ -1,40 +1,29 @@
 """The U-Net: same names, shapes, sizes and float64 outputs (and JVPs) in both backends."""
 from __future__ import annotations
 
-import functools
+from functools import cache
 
 import numpy as np
 import pytest
-import torch
+from parity import assert_same, make_pair
 
 from onestep.backends import get_backend
-from onestep.backends.base import UNetConfig
-
-torch.set_num_threads(1)
+from onestep.backends.architectures import UNetConfig
 
 DIGITS = UNetConfig(channels=1, size=8, n_cond=2, mults=(1, 2), n_classes=10)
 MNIST = UNetConfig(channels=1, size=28, n_cond=2, mults=(1, 2, 2), n_classes=10)
-CONFIGS = pytest.mark.parametrize("cfg", [DIGITS, MNIST], ids=["digits", "mnist"])
+# attention at 4×4 (level 1) and in the middle, two heads of 16 channels
+ATTENTION = UNetConfig(channels=3, size=8, n_cond=2, base=16, mults=(1, 2), n_classes=10, attention=(4,),
+                       head_channels=16)
+CONFIGS = pytest.mark.parametrize("cfg", [DIGITS, MNIST, ATTENTION], ids=["digits", "mnist", "attention"])
 N = 3
 
 
-@functools.cache
-def _backends():
-    return get_backend("torch", precision="float64"), get_backend("jax", precision="float64")
-
-
-@functools.cache
-def _models(cfg: UNetConfig, randomise: bool):
-    """Torch and JAX models holding the same weights: torch's initial ones, or those perturbed."""
-    tb, jb = _backends()
-    tm = tb.make_model(cfg, tb.key(0))
-    jm = jb.make_model(cfg, jb.key(0))
-    params = tb.get_params(tm)
-    if randomise:  # every weight moves, the zero-initialised output conv included
-        rng = np.random.default_rng(1)
-        params = {k: v + 0.1 * rng.normal(size=v.shape) for k, v in params.items()}
-        tm = tb.set_params(tm, params)
-    return tm, jb.set_params(jm, params)
+@cache
+def pair(cfg: UNetConfig, weight_noise: float):
+    """Torch and JAX U-Nets with the same weights: torch's initial ones, or with every weight moved
+    (the zero-initialised output conv included)."""
+    return make_pair(cfg, weight_noise=weight_noise)
 
 
 def _inputs(cfg: UNetConfig, seed: int = 2):
@@ -45,26 +34,23 @@ def _inputs(cfg: UNetConfig, seed: int = 2):
     return x, cond, y
 
 
-@functools.cache
-def _compiled(backend):
-    """The forward pass and the JVP w.r.t. (x, cond), through ``backend.inference`` (jitted in JAX)."""
-
-    def jvp(model, x, cond, y, tx, tcond):
-        return backend.jvp(lambda x, c: model(x, c, y), (x, cond), (tx, tcond))
-
-    return backend.inference(lambda model, x, cond, y: model(x, cond, y)), backend.inference(jvp)
+def _forward(model, x, cond, y):
+    return model(x, cond, y)
 
 
-def _forward(backend, model, x, cond, y):
-    y = None if y is None else backend.from_numpy(y)
-    out = _compiled(backend)[0](model, backend.from_numpy(x), backend.from_numpy(cond), y)
-    return backend.to_numpy(out)
+def _jvp(bk, model, x, cond, y, tx, tcond):
+    return bk.jvp(lambda x, c: model(x, c, y), (x, cond), (tx, tcond))
+
+
+def forward(bk, model, x, cond, y):
+    """The forward pass through ``bk.inference`` (jitted in JAX), as numpy."""
+    y = None if y is None else bk.from_numpy(y)
+    return bk.to_numpy(bk.inference(_forward)(model, bk.from_numpy(x), bk.from_numpy(cond), y))
 
 
 @CONFIGS
 def test_names_shapes_and_sizes_agree(cfg):
-    tb, jb = _backends()
-    tm, jm = _models(cfg, False)
+    (tb, tm, _), (jb, jm, _) = (vars(side).values() for side in pair(cfg, 0.0))
     tp, jp = tb.get_params(tm), jb.get_params(jm)
     assert set(tp) == set(jp)
     assert {k: v.shape for k, v in tp.items()} == {k: v.shape for k, v in jp.items()}
@@ -82,48 +68,50 @@ def test_jax_params_take_the_backend_dtype(precision):
 @CONFIGS
 def test_initial_output_is_zero(cfg):
     """The output conv starts at zero, so a fresh model predicts zeros of the input's shape."""
-    tb, jb = _backends()
-    tm, jm = _models(cfg, False)
     x, cond, y = _inputs(cfg)
-    for backend, model in ((tb, tm), (jb, jm)):
-        out = _forward(backend, model, x, cond, y)
+    for side in pair(cfg, 0.0):
+        out = forward(side.bk, side.model, x, cond, y)
         assert out.shape == x.shape
         assert not out.any()
 
 
 @CONFIGS
 def test_outputs_agree_float64(cfg):
-    tb, jb = _backends()
-    tm, jm = _models(cfg, True)
     x, cond, y = _inputs(cfg)
-    out_t, out_j = _forward(tb, tm, x, cond, y), _forward(jb, jm, x, cond, y)
-    assert out_t.shape == x.shape
-    assert np.abs(out_t).max() > 0.1
-    np.testing.assert_allclose(out_j, out_t, rtol=0, atol=1e-10)
+    out = assert_same(pair(cfg, 0.1), lambda bk, m, ema: forward(bk, m, x, cond, y))
+    assert out.shape == x.shape
+    assert np.abs(out).max() > 0.1
 
 
 def test_no_labels_means_the_null_label():
-    cfg = DIGITS
-    x, cond, _ = _inputs(cfg)
-    null = np.full(N, cfg.n_classes)
-    for backend, model in zip(_backends(), _models(cfg, True)):
-        np.testing.assert_array_equal(_forward(backend, model, x, cond, None),
-                                      _forward(backend, model, x, cond, null))
+    x, cond, _ = _inputs(DIGITS)
+    null = np.full(N, DIGITS.n_classes)
+    for side in pair(DIGITS, 0.1):
+        np.testing.assert_array_equal(forward(side.bk, side.model, x, cond, None),
+                                      forward(side.bk, side.model, x, cond, null))
 
 
-def test_jvp_agrees_float64():
-    cfg = DIGITS
-    tb, jb = _backends()
+@pytest.mark.parametrize("cfg", [DIGITS, ATTENTION], ids=["digits", "attention"])
+def test_jvp_agrees_float64(cfg):
+    """Forward-mode AD runs through every layer, attention included, with the same tangents."""
     x, cond, y = _inputs(cfg)
     tx, tcond, _ = _inputs(cfg, seed=3)
-    results = []
-    for backend, model in zip((tb, jb), _models(cfg, True)):
-        args = [backend.from_numpy(a) for a in (x, cond, y, tx, tcond)]
-        results.append([backend.to_numpy(a) for a in _compiled(backend)[1](model, *args)])
-    (out_t, tan_t), (out_j, tan_j) = results
-    assert np.abs(tan_t).max() > 0.1
-    np.testing.assert_allclose(out_j, out_t, rtol=0, atol=1e-10)
-    np.testing.assert_allclose(tan_j, tan_t, rtol=0, atol=1e-10)
+
+    def run(bk, model, ema):
+        return bk.inference(_jvp)(bk, model, *(bk.from_numpy(a) for a in (x, cond, y, tx, tcond)))
+
+    _, tangent = assert_same(pair(cfg, 0.1), run)
+    assert np.abs(tangent).max() > 0.1
+
+
+def test_attention_blocks_sit_at_the_chosen_resolutions():
+    (tb, tm, _), _ = (vars(side).values() for side in pair(ATTENTION, 0.0))
+    names = {k.rsplit(".", 1)[0] for k in tb.get_params(tm) if ".attn." in k or k.startswith("mid_attn.")}
+    assert names == {"down.1.attn.qkv", "down.1.attn.proj", "down.1.attn.norm", "up.1.attn.qkv", "up.1.attn.proj",
+                     "up.1.attn.norm", "mid_attn.qkv", "mid_attn.proj", "mid_attn.norm"}
+    assert tm.down[1].attn.heads == 2
+    with pytest.raises(ValueError, match=r"attention resolutions \(16,\) must be among .* \(8, 4\)"):
+        UNetConfig(channels=3, size=8, mults=(1, 2), attention=(16,))
 
 
 def test_size_must_divide_by_downsampling():

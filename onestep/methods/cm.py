@@ -25,21 +25,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
+from scipy.special import erf
 
 from ..backends.embedding import EMBEDDING_TIME_SCALE
-from ..conventions import EDM_SIGMA_MAX, EDM_SIGMA_MIN, t_from_sigma, t_from_tau, tau_from_t, trigflow_scale
-from ..paths import expand, interpolate
-from ..sample import ode_step
+from ..conventions import (
+    EDM_SIGMA_MAX,
+    EDM_SIGMA_MIN,
+    sigma_from_t,
+    t_from_sigma,
+    t_from_tau,
+    tau_from_t,
+    trigflow_scale,
+)
+from ..ode import ode_step
+from ..paths import LINEAR, expand
 from ..times import karras_sigmas
-from . import no_solver
-from .fm import condition_labels, label_dropout
+from .flowmap import check_steps, condition_labels, label_dropout, per_row
 
 VARIANTS = ("ict", "ct", "cd", "sct", "scd")
-N_COND = 1
-EVAL_STEPS = 1
 CURRICULA = ("doubling", "adaptive", "fixed")
 DISTANCES = ("l2", "pseudo_huber")
 WEIGHTINGS = ("uniform", "inv_dsigma")
@@ -50,12 +55,11 @@ PSEUDO_HUBER_C = 0.00054  # iCT: c = 0.00054·√D at σ_d = 0.5
 
 
 @dataclass(frozen=True)
-class CMConfig:
-    """Hyper-parameters of one consistency-model variant (values per scale live in ``presets``)."""
+class Config:
+    """Hyper-parameters of one consistency-model variant (deviations per scale live in ``presets``)."""
 
     variant: str = "ict"
     sigma_data: float = 0.5
-    total_steps: int = 1  # length of the discretisation curriculum: the run's training steps
     # discrete time: the EDM grid and its curriculum
     sigma_min: float = EDM_SIGMA_MIN
     sigma_max: float = EDM_SIGMA_MAX
@@ -63,7 +67,7 @@ class CMConfig:
     curriculum: str = "doubling"
     n_start: int = 10
     n_end: int = 1280
-    mu0: float = 0.9  # EMA target decay (CT: at N = n_start, then μ(k) = exp(n_start·ln μ0 / N(k)))
+    mu0: float = 0.9  # target-network decay (CT: at N = n_start, then μ(k); see ``target_decay``)
     target: str = "online"
     distance: str = "pseudo_huber"
     weighting: str = "inv_dsigma"
@@ -91,16 +95,12 @@ class CMConfig:
                              f"(or n_end = n_start for no growth), got {self.n_end}")
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
-        if self.total_steps < 1:
-            raise ValueError(f"total_steps must be positive, got {self.total_steps!r}")
+        if not 0 <= self.mu0 < 1:
+            raise ValueError(f"mu0 must be in [0, 1), got {self.mu0!r}")
 
     @property
     def parameterisation(self) -> str:
         return "trig" if self.variant in ("sct", "scd") else "edm"
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.variant in ("cd", "scd")
 
     @property
     def t_min(self) -> float:
@@ -114,20 +114,20 @@ class CMConfig:
 
 
 # -- the consistency function ---------------------------------------------------------------
-def coefficients(xp, cfg: CMConfig, t):
+def coefficients(xp, cfg: Config, t):
     """``(c_skip, c_out, c_in)`` at times ``t`` (any array shape) in the book's convention."""
     sd = cfg.sigma_data
     if cfg.parameterisation == "trig":
         tau = tau_from_t(xp, t, sd)
         a = trigflow_scale(xp, tau, sd)
         return a * xp.cos(tau), -sd * xp.sin(tau), a / sd
-    sigma, lead = t / (1 - t), 1 - cfg.t_min
+    sigma, lead = sigma_from_t(t), 1 - cfg.t_min
     root = xp.sqrt(sigma**2 + sd**2)
     c_skip = lead / (1 - t) * sd**2 / ((sigma - cfg.sigma_min) ** 2 + sd**2)
     return c_skip, lead * sd * (sigma - cfg.sigma_min) / root, 1 / ((1 - t) * root)
 
 
-def network_time(xp, cfg: CMConfig, t):
+def network_time(xp, cfg: Config, t):
     """The time the network sees: t itself (edm), or TrigFlow's τ without the ×1000 of the
     embedding (sCM's stability fix, ``c_noise = τ``: a smooth time input keeps ``dF/dτ`` small)."""
     if cfg.parameterisation == "trig":
@@ -135,17 +135,48 @@ def network_time(xp, cfg: CMConfig, t):
     return t
 
 
-def consistency(bk, model, cfg: CMConfig, z, t, y=None):
-    """``f_θ(z, t) = c_skip(t)·z + c_out(t)·F_θ(c_in(t)·z, t)``; ``t`` a scalar array or one per row."""
-    t = bk.xp.broadcast_to(t, (z.shape[0],))
+# Each variant's settings from its paper; ``Config``'s own defaults are iCT's.
+PAPER_VARIANTS = {
+    "ict": {},
+    # CM (Song et al. 2023), CT: N(k) from s0 = 2 to s1 = 150 and μ(k) from μ0 = 0.9
+    "ct": {"curriculum": "adaptive", "n_start": 2, "n_end": 150, "target": "ema", "mu0": 0.9, "distance": "l2",
+           "weighting": "uniform", "index_sampling": "uniform"},
+    # CM, CD on CIFAR-10: fixed N = 18, EMA target μ = 0.95 (their metric is LPIPS)
+    "cd": {"curriculum": "fixed", "n_start": 18, "n_end": 18, "target": "ema", "mu0": 0.95, "distance": "l2",
+           "weighting": "uniform", "index_sampling": "uniform"},
+    # sCM (Lu & Song 2024), CIFAR-10: tan τ = e^P/σ_d with P ~ N(−1.0, 1.4²), tangent normalisation c = 0.1
+    "sct": {"p_mean": -1.0, "p_std": 1.4, "tangent_norm": 0.1},
+    "scd": {"p_mean": -1.0, "p_std": 1.4, "tangent_norm": 0.1},
+}
+
+
+def variant_config(variant: str, **deviations) -> Config:
+    """The paper's settings of ``variant`` with ``deviations`` on top."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; accepted: {', '.join(VARIANTS)}")
+    return Config(variant=variant, **{**PAPER_VARIANTS[variant], **deviations})
+
+
+def needs_teacher(cfg: Config) -> bool:
+    return cfg.variant in ("cd", "scd")
+
+
+def n_cond(cfg: Config) -> int:
+    """How many scalars the network sees: one time, t."""
+    return 1
+
+
+def consistency(bk, model, cfg: Config, z, t, y=None):
+    """``f_θ(z, t) = c_skip(t)·z + c_out(t)·F_θ(c_in(t)·z, t)``; ``t`` a 0-d array or one per row."""
+    t = per_row(bk, t, z)
     c_skip, c_out, c_in = (expand(c, z) for c in coefficients(bk.xp, cfg, t))
     return c_skip * z + c_out * model(c_in * z, network_time(bk.xp, cfg, t)[:, None], y)
 
 
 # -- the discretisation curriculum ----------------------------------------------------------
-def n_schedule(cfg: CMConfig) -> np.ndarray:
-    """Grid size ``N(k)`` (number of noise levels) at every training step k."""
-    k, total, s0, s1 = np.arange(cfg.total_steps), cfg.total_steps, cfg.n_start, cfg.n_end
+def n_schedule(cfg: Config, total_steps: int) -> np.ndarray:
+    """Grid size ``N(k)`` (number of noise levels) at every training step k of a run of ``total_steps``."""
+    k, total, s0, s1 = np.arange(total_steps), total_steps, cfg.n_start, cfg.n_end
     if cfg.curriculum == "fixed" or s1 == s0:
         return np.full(total, s1)
     if cfg.curriculum == "adaptive":  # Song et al. (2023), with N counting grid points
@@ -155,23 +186,32 @@ def n_schedule(cfg: CMConfig) -> np.ndarray:
     return np.minimum(s0 * 2 ** (k // per_stage), s1).astype(int) + 1
 
 
-def ema_decay(cfg: CMConfig, default: float):
-    """An EMA target decays at ``μ0``, or with CT's adaptive curriculum at ``μ(k) = exp(n_start·ln μ0 / N(k))``
-    (the evaluation model is then that same EMA); without an EMA target the EMA keeps ``default``."""
+@dataclass(frozen=True)
+class AdaptiveDecay:
+    """CT's target-network decay over a run: ``μ(k) = exp(n_start·ln μ0 / N(k))`` (Song et al. 2023)."""
+
+    cfg: Config
+
+    def table(self, total_steps: int) -> np.ndarray:
+        """The decay after each of the run's ``total_steps`` steps."""
+        return np.exp(self.cfg.n_start * np.log(self.cfg.mu0) / n_schedule(self.cfg, total_steps))
+
+
+def target_decay(cfg: Config) -> float | AdaptiveDecay | None:
+    """The decay of the run's target network: None when the target is the online network (iCT, sCM),
+    ``μ0`` for a fixed EMA target (CD), CT's ``μ(k)`` with the adaptive curriculum."""
     if cfg.target != "ema":
-        return default
+        return None
     if cfg.curriculum != "adaptive":
         return cfg.mu0
-    decays = np.exp(cfg.n_start * np.log(cfg.mu0) / n_schedule(cfg))
-    return lambda step: decays[min(step, len(decays) - 1)]
+    return AdaptiveDecay(cfg)
 
 
-def index_probabilities(cfg: CMConfig, sigmas: np.ndarray) -> np.ndarray:
+def index_probabilities(cfg: Config, sigmas: np.ndarray) -> np.ndarray:
     """Probability of training on interval ``(σ_i, σ_{i+1})``: uniform, or iCT's lognormal
     ``∝ erf((ln σ_{i+1} − P_mean)/(√2 P_std)) − erf((ln σ_i − P_mean)/(√2 P_std))``."""
     if cfg.index_sampling == "uniform":
         return np.full(len(sigmas) - 1, 1.0 / (len(sigmas) - 1))
-    from scipy.special import erf
     log_sigma = np.log(sigmas * IMAGE_SIGMA_DATA / cfg.sigma_data)
     cdf = erf((log_sigma - cfg.p_mean) / (math.sqrt(2) * cfg.p_std))
     p = np.diff(cdf)
@@ -188,9 +228,9 @@ class _Grids:
     n_steps: int
 
 
-def curriculum_tables(bk, cfg: CMConfig) -> _Grids:
+def curriculum_tables(bk, cfg: Config, total_steps: int) -> _Grids:
     """One row per distinct grid size, so a compiled step looks its grid up by index."""
-    n_of_step = n_schedule(cfg)
+    n_of_step = n_schedule(cfg, total_steps)
     sizes, row_of_step = np.unique(n_of_step, return_inverse=True)
     width = int(sizes.max())
     sigmas = np.zeros((len(sizes), width))
@@ -214,7 +254,7 @@ def draw_intervals(bk, grids: _Grids, key, n: int, step):
     return sig[i], sig[i + 1]
 
 
-def distance(bk, cfg: CMConfig, a, b):
+def distance(bk, cfg: Config, a, b):
     """Per-row distance: mean squared error, or pseudo-Huber ``√(‖a − b‖² + c²) − c``."""
     xp = bk.xp
     sq = xp.sum(((a - b) ** 2).reshape((a.shape[0], -1)), axis=1)
@@ -225,50 +265,55 @@ def distance(bk, cfg: CMConfig, a, b):
     return xp.sqrt(sq + c**2) - c
 
 
-def draw(bk, cfg: CMConfig, grids, key, batch: dict, step) -> dict:
-    """The random part of one loss evaluation: the noise, the label-dropout mask, and the
-    interval ``(σ_i, σ_{i+1})`` of the step's grid (discrete) or the TrigFlow time τ (continuous)."""
-    x0 = batch["x"]
+def draw(bk, cfg: Config, key, batch: dict, step, total_steps: int) -> dict:
+    """What one loss evaluation draws and reads off the step: the noise, the label-dropout mask, and
+    the interval ``(σ_i, σ_{i+1})`` of the step's grid (discrete), or the TrigFlow time τ and the
+    tangent warmup factor (continuous)."""
+    xp, x0 = bk.xp, batch["x"]
     n = x0.shape[0]
     k_t, k_n, k_y = bk.split(key, 3)
     draws = {"noise": bk.normal(k_n, tuple(x0.shape))}
     if cfg.parameterisation == "trig":
         # τ is a signal-to-noise angle (tan τ = σ/σ_d), so sCM's image distribution carries over unchanged
         p = cfg.p_mean + cfg.p_std * bk.normal(k_t, (n,))
-        draws["tau"] = bk.xp.arctan(bk.xp.exp(p) / IMAGE_SIGMA_DATA)
+        draws["tau"] = xp.arctan(xp.exp(p) / IMAGE_SIGMA_DATA)
+        warmup_steps = cfg.warmup_fraction * total_steps
+        draws["warmup"] = (xp.clip(xp.asarray(step + 1, dtype=x0.dtype) / warmup_steps, 0.0, 1.0)
+                           if warmup_steps > 0 else xp.ones((), dtype=x0.dtype))
     else:
+        grids = bk.cached(curriculum_tables, bk, cfg, total_steps)
         draws["sigma_lo"], draws["sigma_hi"] = draw_intervals(bk, grids, k_t, n, step)
     return {**draws, **label_dropout(bk, k_y, batch, cfg.label_dropout)}
 
 
-def discrete_loss(bk, cfg: CMConfig, teacher, model, ema, batch: dict, draws: dict):
+def discrete_loss(bk, cfg: Config, model, target, batch: dict, draws: dict, teacher=None):
     """CD / CT / iCT: ``λ(σ_i, σ_{i+1})·d(f_θ(z_{t_{i+1}}, t_{i+1}), sg f_θ⁻(z_{t_i}, t_i))``."""
     x0, noise, s_lo, s_hi = batch["x"], draws["noise"], draws["sigma_lo"], draws["sigma_hi"]
     t_lo, t_hi = t_from_sigma(s_lo), t_from_sigma(s_hi)
     y = condition_labels(bk, model, batch.get("y"), draws.get("drop"))
-    z_hi = interpolate(x0, noise, t_hi)
+    z_hi = LINEAR.sample(bk.xp, x0, noise, t_hi)
     if teacher is None:
-        z_lo = interpolate(x0, noise, t_lo)  # CT: the same noise one grid step cleaner
+        z_lo = LINEAR.sample(bk.xp, x0, noise, t_lo)  # CT: the same noise one grid step cleaner
     else:
         z_lo = bk.stop_gradient(ode_step(teacher, z_hi, t_hi, t_lo, y, "heun"))  # one teacher Heun step
-    target = consistency(bk, ema if cfg.target == "ema" else model, cfg, z_lo, t_lo, y)
+    f_lo = consistency(bk, target if cfg.target == "ema" else model, cfg, z_lo, t_lo, y)
     if cfg.target != "unstopped":
-        target = bk.stop_gradient(target)
-    d = distance(bk, cfg, consistency(bk, model, cfg, z_hi, t_hi, y), target)
+        f_lo = bk.stop_gradient(f_lo)
+    d = distance(bk, cfg, consistency(bk, model, cfg, z_hi, t_hi, y), f_lo)
     weight = 1 / (s_hi - s_lo) if cfg.weighting == "inv_dsigma" else bk.xp.ones_like(d)
     loss = bk.xp.mean(weight * d)
     return loss, {"distance": bk.xp.mean(d), "sigma_gap": bk.xp.mean(s_hi - s_lo)}
 
 
 # -- continuous time (TrigFlow) -------------------------------------------------------------
-def trig_network(bk, model, cfg: CMConfig, y):
+def trig_network(bk, model, cfg: Config, y):
     """``(x_τ/σ_d, τ) ↦ F_θ(x_τ/σ_d, τ)``: the network in TrigFlow variables (see ``network_time``)."""
     def F(x_in, tau):
         return model(x_in, (tau / EMBEDDING_TIME_SCALE)[:, None], y)
     return F
 
 
-def trig_velocity(bk, cfg: CMConfig, teacher, x_tau, tau, y):
+def trig_velocity(bk, cfg: Config, teacher, x_tau, tau, y):
     """``dx_τ/dτ`` along a teacher's ODE given in the book's time:
     ``(σ_d cos τ − sin τ)·z_t + σ_d·v(z_t, t)/a(τ)`` with ``z_t = x_τ/a(τ)``."""
     xp, sd = bk.xp, cfg.sigma_data
@@ -278,21 +323,21 @@ def trig_velocity(bk, cfg: CMConfig, teacher, x_tau, tau, y):
     return lead * z + sd * teacher(z, t_from_tau(xp, tau, sd), y) / a
 
 
-def trig_tangent(bk, cfg: CMConfig, model, x_tau, dx_dtau, tau, y, warmup):
-    """``(F⁻, g)``: the online network without gradient and the sCM tangent
-    ``g = −cos²τ·(σ_d F⁻ − dx/dτ) − r·cos τ sin τ·(x_τ + σ_d dF⁻/dτ)``, which is ``cos τ·df⁻/dτ``
-    at ``r = 1`` (``r`` is the warmup factor).  The JVP carries tangents scaled by ``cos τ sin τ``."""
+def trig_tangent(bk, cfg: Config, model, x_tau, dx_dtau, tau, y, warmup):
+    """``(F, g)``: the network ``F_θ(x_τ/σ_d, τ)`` (with its gradient) and the sCM tangent
+    ``g = −cos²τ·(σ_d F⁻ − dx/dτ) − r·cos τ sin τ·(x_τ + σ_d dF⁻/dτ)`` with ``F⁻ = sg(F)``, which is
+    ``cos τ·df⁻/dτ`` at ``r = 1`` (``r`` is the warmup factor).  One JVP gives both; its tangents
+    are scaled by ``cos τ sin τ``."""
     xp, sd = bk.xp, cfg.sigma_data
     cs = xp.cos(tau) * xp.sin(tau)
-    F_minus, dF = bk.jvp(trig_network(bk, model, cfg, y), (x_tau / sd, tau),
-                         (expand(cs, x_tau) * dx_dtau / sd, cs))  # dF = cos τ sin τ · dF⁻/dτ
-    F_minus, dF = bk.stop_gradient(F_minus), bk.stop_gradient(dF)
+    F, dF = bk.jvp(trig_network(bk, model, cfg, y), (x_tau / sd, tau),
+                   (expand(cs, x_tau) * dx_dtau / sd, cs))  # dF = cos τ sin τ · dF⁻/dτ, under stop-gradient
     cos = expand(xp.cos(tau), x_tau)
-    g = -(cos**2) * (sd * F_minus - dx_dtau) - warmup * (expand(cs, x_tau) * x_tau + sd * dF)
-    return F_minus, g
+    g = -(cos**2) * (sd * bk.stop_gradient(F) - dx_dtau) - warmup * (expand(cs, x_tau) * x_tau + sd * dF)
+    return F, g
 
 
-def continuous_loss(bk, cfg: CMConfig, teacher, model, batch: dict, draws: dict, step):
+def continuous_loss(bk, cfg: Config, model, batch: dict, draws: dict, teacher=None):
     """sCT / sCD: ``‖F_θ(x_τ/σ_d, τ) − F⁻ − g/(‖g‖ + c)‖²/D`` at ``x_τ = cos τ·x0 + sin τ·σ_d·ε``."""
     xp, sd = bk.xp, cfg.sigma_data
     x0, noise, tau = batch["x"], draws["noise"], draws["tau"]
@@ -303,64 +348,38 @@ def continuous_loss(bk, cfg: CMConfig, teacher, model, batch: dict, draws: dict,
         dx_dtau = cos * sd * noise - sin * x0  # sCT: the conditional velocity in TrigFlow time
     else:
         dx_dtau = bk.stop_gradient(trig_velocity(bk, cfg, teacher, x_tau, tau, y))
-    warmup_steps = cfg.warmup_fraction * cfg.total_steps
-    warmup = xp.clip(xp.asarray(step + 1) / warmup_steps, 0.0, 1.0) if warmup_steps > 0 else 1.0
-    F_minus, g = trig_tangent(bk, cfg, model, x_tau, dx_dtau, tau, y, warmup)
+    F, g = trig_tangent(bk, cfg, model, x_tau, dx_dtau, tau, y, draws["warmup"])
     norm = xp.sqrt(xp.sum((g**2).reshape((g.shape[0], -1)), axis=1))
     g = g / (expand(norm, g) + cfg.tangent_norm)
-    err = trig_network(bk, model, cfg, y)(x_tau / sd, tau) - F_minus - g
+    err = F - bk.stop_gradient(F) - g
     return xp.mean(err**2), {"tangent_norm": xp.mean(norm)}
 
 
-def loss_from_draws(bk, cfg: CMConfig, teacher, model, ema, batch: dict, draws: dict, step):
-    """The variant's loss for given random draws (see ``draw``)."""
+def loss_from_draws(bk, cfg: Config, model, target, batch: dict, draws: dict, teacher=None):
+    """The variant's loss for given draws (see ``draw``)."""
     if cfg.parameterisation == "trig":
-        return continuous_loss(bk, cfg, teacher, model, batch, draws, step)
-    return discrete_loss(bk, cfg, teacher, model, ema, batch, draws)
-
-
-def make_loss(bk, cfg: CMConfig, teacher=None):
-    """The training loss of ``cfg.variant``; ``teacher`` is a velocity field for ``cd`` / ``scd``."""
-    if cfg.needs_teacher and teacher is None:
-        raise ValueError(f"consistency distillation ({cfg.variant!r}) needs a teacher velocity field: "
-                         "pass --teacher exact (analytic data sets) or --teacher RUN_DIR of a trained "
-                         "flow-matching run (python -m onestep train --method fm ...)")
-    if not cfg.needs_teacher and teacher is not None:
-        raise ValueError(f"variant {cfg.variant!r} trains without a teacher; drop the teacher "
-                         f"(distillation variants: cd, scd)")
-    grids = None if cfg.parameterisation == "trig" else curriculum_tables(bk, cfg)
-
-    def loss_fn(model, ema, batch, key, step):
-        return loss_from_draws(bk, cfg, teacher, model, ema, batch, draw(bk, cfg, grids, key, batch, step), step)
-    return loss_fn
+        return continuous_loss(bk, cfg, model, batch, draws, teacher)
+    return discrete_loss(bk, cfg, model, target, batch, draws, teacher)
 
 
 # -- sampling -------------------------------------------------------------------------------
-def sampling_times(cfg: CMConfig, steps: int) -> np.ndarray:
+def sampling_times(cfg: Config, steps: int) -> np.ndarray:
     """The ``steps`` times the multistep sampler evaluates f at, from ``t_max`` down: the
     EDM grid of ``steps + 1`` levels without ``σ_min`` (edm), or equal steps in τ (trig)."""
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"number of sampling steps must be a positive integer, got {steps!r}")
+    steps = check_steps(steps)
     if cfg.parameterisation == "trig":
         tau = 0.5 * np.pi * (1 - np.arange(steps) / steps)
         return t_from_tau(np, tau, cfg.sigma_data)
     return t_from_sigma(karras_sigmas(steps + 1, cfg.sigma_min, cfg.sigma_max, cfg.rho)[::-1][:steps])
 
 
-@cache
-def _jump(bk, cfg: CMConfig):
-    return bk.inference(lambda model, z, t, y: consistency(bk, model, cfg, z, t, y))
-
-
-def sample(bk, model, cfg: CMConfig, x1, steps: int, y=None, solver: str | None = None, seed: int = 0):
+def sample(bk, cfg: Config, model, x1, steps: int, key, y=None):
     """Multistep consistency sampling: ``x = f(t_0·x1, t_0)``, then for each later time
-    renoise ``z = (1 − t_k)·x + t_k·ε_k`` and jump again.  One step is ``f(t_max·x1, t_max)``."""
-    no_solver("cm", solver)
+    renoise ``z = (1 − t_k)·x + t_k·ε_k`` (ε_k from ``key``) and jump again.  One step is ``f(t_max·x1, t_max)``."""
     times = sampling_times(cfg, steps)
-    jump = _jump(bk, cfg)
-    rng = np.random.default_rng(seed)
-    x = jump(model, float(times[0]) * x1, bk.from_numpy(np.asarray(times[0])), y)
-    for t in map(float, times[1:]):
-        eps = bk.from_numpy(rng.standard_normal(tuple(x1.shape)))
-        x = jump(model, (1 - t) * x + t * eps, bk.from_numpy(np.asarray(t)), y)
+    f = bk.inference(consistency)
+    keys = bk.split(key, len(times))
+    x = f(bk, model, cfg, float(times[0]) * x1, bk.from_numpy(np.asarray(times[0])), y)
+    for t, k in zip(map(float, times[1:]), keys[1:]):
+        x = f(bk, model, cfg, (1 - t) * x + t * bk.normal(k, tuple(x1.shape)), bk.from_numpy(np.asarray(t)), y)
     return x

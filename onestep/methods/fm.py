@@ -1,33 +1,48 @@
-"""Flow Matching on the linear path, written once for both backends.
+"""Flow Matching on the linear path (Lipman et al. 2023), written once for both backends.
 
 Loss: ``E ‖v_θ(z_t, t) − (x1 − x0)‖²`` with ``z_t = (1 − t)x0 + t·x1``; its minimiser is
 the marginal velocity ``E[x1 − x0 | z_t]``.  Sampling integrates ``dz/dt = v_θ`` from
-t = 1 (noise) down to t = 0 (data) with the ODE solvers of ``onestep.sample``.
+t = 1 (noise) down to t = 0 (data) with the ODE solvers of ``onestep.ode``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..paths import conditional_velocity, interpolate
-from ..sample import integrate
-from ..times import sample_times
+from ..ode import check_solver, integrate
+from ..paths import LINEAR
+from ..times import TIME_SAMPLERS, sample_times
+from .flowmap import condition_labels, label_dropout, per_row
+
+VARIANTS = ("fm",)
 
 
 @dataclass(frozen=True)
-class FMConfig:
-    """Hyper-parameters of the FM objective (values per scale live in ``presets``)."""
+class Config:
+    """Hyper-parameters of the FM objective (deviations per scale live in ``presets``)."""
 
     time_sampler: str = "uniform"
     time_mean: float = 0.0
     time_std: float = 1.0
     label_dropout: float = 0.0  # fraction of rows trained unconditionally (for guidance)
 
+    def __post_init__(self):
+        if self.time_sampler not in TIME_SAMPLERS:
+            raise ValueError(f"unknown time_sampler {self.time_sampler!r}; accepted: {', '.join(TIME_SAMPLERS)}")
+        if not 0 <= self.label_dropout <= 1:
+            raise ValueError(f"label_dropout must be in [0, 1], got {self.label_dropout!r}")
 
-N_COND = 1  # the network sees one time
+
+def needs_teacher(cfg: Config) -> bool:
+    return False
 
 
-def draw(bk, key, batch: dict, cfg: FMConfig) -> dict:
-    """The random part of one loss evaluation: times, noise and label-dropout mask."""
+def n_cond(cfg: Config) -> int:
+    """How many scalars the network sees: one time, t."""
+    return 1
+
+
+def draw(bk, cfg: Config, key, batch: dict, step, total_steps: int) -> dict:
+    """The random part of one loss evaluation: times ``t`` (n,), noise ``x1`` and the label-dropout mask."""
     x0 = batch["x"]
     k_t, k_x, k_y = bk.split(key, 3)
     draws = {"t": sample_times(bk, k_t, x0.shape[0], cfg.time_sampler, cfg.time_mean, cfg.time_std),
@@ -35,42 +50,18 @@ def draw(bk, key, batch: dict, cfg: FMConfig) -> dict:
     return {**draws, **label_dropout(bk, k_y, batch, cfg.label_dropout)}
 
 
-def label_dropout(bk, key, batch: dict, rate: float) -> dict:
-    """``{"drop": mask}`` marking the rows trained without their label (classifier-free guidance);
-    empty for unlabelled data."""
-    y = batch.get("y")
-    return {} if y is None else {"drop": bk.uniform(key, (y.shape[0],)) < rate}
-
-
-def condition_labels(bk, model, y, drop=None):
-    """Labels with dropped rows replaced by the model's "no label" class."""
-    if y is None or drop is None:
-        return y
-    return bk.xp.where(drop, model.cfg.n_classes, y)
-
-
 def velocity(bk, model, z, t, y=None):
-    """``v_θ(z, t)``; ``t`` is a scalar array or one time per row."""
-    t = bk.xp.broadcast_to(t, (z.shape[0],))
-    return model(z, t[:, None], y)
+    """``v_θ(z, t)``; ``t`` is a 0-d array or one time per row."""
+    return model(z, per_row(bk, t, z)[:, None], y)
 
 
-def loss_from_draws(bk, model, batch: dict, draws: dict):
+def loss_from_draws(bk, cfg: Config, model, target, batch: dict, draws: dict, teacher=None):
     """Mean squared error to the conditional velocity (mean over rows and dimensions)."""
     x0, x1, t = batch["x"], draws["x1"], draws["t"]
     y = condition_labels(bk, model, batch.get("y"), draws.get("drop"))
-    err = velocity(bk, model, interpolate(x0, x1, t), t, y) - conditional_velocity(x0, x1)
+    err = velocity(bk, model, LINEAR.sample(bk.xp, x0, x1, t), t, y) - LINEAR.velocity(bk.xp, x0, x1, t)
     loss = bk.xp.mean(err ** 2)
     return loss, {"mse": loss}
-
-
-def make_loss(bk, cfg: FMConfig, teacher=None):
-    """The training loss ``(model, ema, batch, key, step) -> (loss, aux)``; FM ignores the EMA."""
-    if teacher is not None:
-        raise ValueError("flow matching learns from data; it takes no teacher")
-    def loss_fn(model, ema, batch, key, step):
-        return loss_from_draws(bk, model, batch, draw(bk, key, batch, cfg))
-    return loss_fn
 
 
 def guided_velocity(bk, model, z, t, y=None, guidance: float = 1.0):
@@ -82,21 +73,7 @@ def guided_velocity(bk, model, z, t, y=None, guidance: float = 1.0):
     return v_null + guidance * (v - v_null)
 
 
-def generate(bk, model, x1, steps: int, solver: str = "heun", y=None, guidance: float = 1.0):
-    """Samples from noise ``x1`` by solving the learned ODE from t = 1 to t = 0."""
-    return integrate(bk, model, guided_velocity, x1, steps, solver, y=y, guidance=guidance)
-
-
-VARIANTS = ("fm",)
-EVAL_STEPS = 32
-
-
-def ema_decay(cfg: FMConfig, default: float) -> float:
-    """FM keeps the preset's constant EMA decay."""
-    return default
-
-
-def sample(bk, model, cfg: FMConfig, x1, steps: int, y=None, solver: str | None = None, seed: int = 0):
-    """The method protocol's sampler: ``steps`` ODE steps (Heun unless ``solver`` says otherwise);
-    deterministic, so ``seed`` is unused."""
-    return generate(bk, model, x1, steps, solver or "heun", y=y)
+def sample(bk, cfg: Config, model, x1, steps: int, key, y=None, solver: str = "heun", guidance: float = 1.0):
+    """Samples from noise ``x1`` by solving the learned ODE from t = 1 to t = 0 in ``steps`` steps of
+    ``solver``; deterministic, so ``key`` is unused."""
+    return integrate(bk, model, guided_velocity, x1, steps, check_solver(solver), y=y, guidance=guidance)

@@ -15,7 +15,7 @@ no JVP.  Every row's time lies on the grid of its step, ``t ∈ {d, 2d, …, 1}`
 ``K = 2^k`` steps from t = 1 visits only trained points.
 
 Mapping from the official code (noise at τ = 0, data at τ = 1, steps from τ to τ + d):
-``t = 1 − τ`` and ``s_ours = −s_code`` (``conventions.from_noise_at_zero``); its ``dt_base = k``;
+``t = 1 − τ`` and ``s_ours = −s_code`` (the same path run backwards); its ``dt_base = k``;
 its bootstrap times ``τ ∈ {0, d, …, 1 − d}`` are ours ``t ∈ {d, …, 1}``; its flow-matching rows
 sit at ``dt_base = log2(denoise_timesteps) = L`` on the grid ``τ ∈ {0, 1/2^L, …}``.  Like the code
 we clip the half-step point and the averaged target to ``[−clip, clip]``; unlike it we drop
@@ -27,27 +27,23 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
 
-from ..paths import conditional_velocity, expand, interpolate
-from . import no_solver
-from .fm import condition_labels, label_dropout
+from ..paths import LINEAR, expand
+from .flowmap import condition_labels, label_dropout, sample_jumps, uniform_times
 
-N_COND = 2  # the network sees t and the step size
 VARIANTS = ("shortcut",)
-EVAL_STEPS = 1
 
 
 @dataclass(frozen=True)
-class ShortcutConfig:
-    """Hyper-parameters of the shortcut objective (values per scale live in ``presets``)."""
+class Config:
+    """Hyper-parameters of the shortcut objective (deviations per scale live in ``presets``)."""
 
     max_steps: int = 128  # the finest sampler: d = 1/max_steps carries the flow-matching rows
     bootstrap_every: int = 8  # 1/8 of each batch bootstraps (the official code; the paper says 1/4)
     clip: float | None = 4.0  # bound on the half-step point and the bootstrap target (None: no clip)
-    ema_target: bool = True  # bootstrap with the EMA network (the code's bootstrap_ema = 1)
+    ema_target: bool = True  # bootstrap with the target (EMA) network (the code's bootstrap_ema = 1)
     label_dropout: float = 0.0
 
     def __post_init__(self):
@@ -65,7 +61,16 @@ class ShortcutConfig:
         return int(math.log2(self.max_steps))
 
 
-def level_of_steps(cfg: ShortcutConfig, steps: int) -> int:
+def needs_teacher(cfg: Config) -> bool:
+    return False
+
+
+def n_cond(cfg: Config) -> int:
+    """How many scalars the network sees: the time t and the step size."""
+    return 2
+
+
+def level_of_steps(cfg: Config, steps: int) -> int:
     """``k = log2(steps)`` for a sampler with ``steps`` equal jumps; ValueError unless steps is a
     power of two ≤ ``max_steps``."""
     accepted = [2**k for k in range(cfg.levels + 1)]
@@ -75,7 +80,7 @@ def level_of_steps(cfg: ShortcutConfig, steps: int) -> int:
     return accepted.index(steps)
 
 
-def shortcut(bk, model, cfg: ShortcutConfig, z, t, level, y=None):
+def shortcut(bk, model, cfg: Config, z, t, level, y=None):
     """``s_θ(z, t, d = 2^−level)``: the average velocity of the step from ``t`` to ``t − d``.
     ``t`` and ``level`` are scalars or one per row."""
     xp, n = bk.xp, z.shape[0]
@@ -84,11 +89,16 @@ def shortcut(bk, model, cfg: ShortcutConfig, z, t, level, y=None):
     return model(z, xp.stack([t, k / cfg.levels], axis=1), y)
 
 
-def _clip(bk, cfg: ShortcutConfig, x):
+def average_velocity(bk, model, cfg: Config, z, r, t, y=None):
+    """The two-time form ``u(z, r, t) = s_θ(z, t, d = t − r)``, for ``t − r`` a power of two."""
+    return shortcut(bk, model, cfg, z, t, bk.xp.round(-bk.xp.log2(t - r)), y)
+
+
+def _clip(bk, cfg: Config, x):
     return x if cfg.clip is None else bk.xp.clip(x, -cfg.clip, cfg.clip)
 
 
-def bootstrap_target(bk, net, cfg: ShortcutConfig, z, t, level, y=None):
+def bootstrap_target(bk, net, cfg: Config, z, t, level, y=None):
     """The self-consistency target of a step of size ``d = 2^−level``: the mean of two half steps
     of size ``d/2`` taken with ``net`` (no stop-gradient here; the loss applies it)."""
     half = 2.0 ** -(level + 1)
@@ -98,7 +108,7 @@ def bootstrap_target(bk, net, cfg: ShortcutConfig, z, t, level, y=None):
     return _clip(bk, cfg, 0.5 * (s1 + s2))
 
 
-def draw_levels(cfg: ShortcutConfig, n: int) -> np.ndarray:
+def draw_levels(cfg: Config, n: int) -> np.ndarray:
     """The level of every row: the first ``n // bootstrap_every`` rows cycle through the bootstrap
     levels ``0 … L − 1`` (equal shares, as in the code), the rest sit at the flow-matching level L."""
     n_boot = n // cfg.bootstrap_every
@@ -107,27 +117,36 @@ def draw_levels(cfg: ShortcutConfig, n: int) -> np.ndarray:
     return levels
 
 
-def draw(bk, key, batch: dict, cfg: ShortcutConfig) -> dict:
+def draw(bk, cfg: Config, key, batch: dict, step, total_steps: int) -> dict:
     """The random part of one loss evaluation: noise, times on each row's grid, label-dropout mask.
     ``level`` is fixed by the row's position (``draw_levels``); ``t = (j + 1)·2^−k``, j uniform."""
     x0 = batch["x"]
     n = x0.shape[0]
     k_t, k_x, k_y = bk.split(key, 3)
-    level = bk.from_numpy(draw_levels(cfg, n).astype(np.float64))
+    levels = draw_levels(cfg, n)
+    level = bk.from_numpy(levels.astype(np.float64))
     cells = 2.0**level
-    draws = {"level": level, "t": (bk.xp.floor(bk.uniform(k_t, (n,)) * cells) + 1) / cells,
+    # ``bootstrap`` (numpy, static) marks the bootstrap rows, a prefix of the batch and of any
+    # data-parallel worker's rows, so the loss finds their number without reading a device array
+    draws = {"level": level, "bootstrap": levels < cfg.levels,
+             "t": (bk.xp.floor(bk.uniform(k_t, (n,)) * cells) + 1) / cells,
              "x1": bk.normal(k_x, tuple(x0.shape))}
     return {**draws, **label_dropout(bk, k_y, batch, cfg.label_dropout)}
 
 
-def targets(bk, cfg: ShortcutConfig, net, batch: dict, draws: dict):
-    """``(z_t, y, target)``: bootstrap targets from ``net`` (under stop-gradient) on the first
-    ``n // bootstrap_every`` rows, ``x1 − x0`` on the rest."""
+def bootstrap_rows(draws: dict) -> int:
+    """How many rows (a prefix) get bootstrap targets."""
+    return int(np.count_nonzero(draws["bootstrap"]))
+
+
+def targets(bk, cfg: Config, net, batch: dict, draws: dict):
+    """``(z_t, y, target)``: bootstrap targets from ``net`` (under stop-gradient) on the rows
+    ``draws["bootstrap"]`` marks (the first ``n // bootstrap_every``), ``x1 − x0`` on the rest."""
     x0, x1, t, level = batch["x"], draws["x1"], draws["t"], draws["level"]
     y = condition_labels(bk, net, batch.get("y"), draws.get("drop"))
-    z = interpolate(x0, x1, t)
-    target = conditional_velocity(x0, x1)
-    n_boot = x0.shape[0] // cfg.bootstrap_every
+    z = LINEAR.sample(bk.xp, x0, x1, t)
+    target = LINEAR.velocity(bk.xp, x0, x1, t)
+    n_boot = bootstrap_rows(draws)
     if n_boot:
         boot = bootstrap_target(bk, net, cfg, z[:n_boot], t[:n_boot], level[:n_boot],
                                 None if y is None else y[:n_boot])
@@ -135,52 +154,20 @@ def targets(bk, cfg: ShortcutConfig, net, batch: dict, draws: dict):
     return z, y, target
 
 
-def loss_from_draws(bk, cfg: ShortcutConfig, model, ema, batch: dict, draws: dict):
+def loss_from_draws(bk, cfg: Config, model, target, batch: dict, draws: dict, teacher=None):
     """Mean squared error of ``s_θ(z_t, t, d)`` to the targets (mean over rows and dimensions)."""
-    z, y, target = targets(bk, cfg, ema if cfg.ema_target else model, batch, draws)
-    err = shortcut(bk, model, cfg, z, draws["t"], draws["level"], y) - target
-    n_boot = z.shape[0] // cfg.bootstrap_every
+    z, y, goal = targets(bk, cfg, target if cfg.ema_target else model, batch, draws)
+    err = shortcut(bk, model, cfg, z, draws["t"], draws["level"], y) - goal
+    n_boot = bootstrap_rows(draws)
     sq = bk.xp.mean((err**2).reshape((z.shape[0], -1)), axis=1)
     loss = bk.xp.mean(sq)
     return loss, {"fm_mse": bk.xp.mean(sq[n_boot:]),
                   "bootstrap_mse": bk.xp.mean(sq[:n_boot]) if n_boot else loss * 0}
 
 
-def make_loss(bk, cfg: ShortcutConfig, teacher=None):
-    """The training loss ``(model, ema, batch, key, step) -> (loss, aux)``."""
-    if teacher is not None:
-        raise ValueError("shortcut models learn from data and their own shorter jumps; they take no teacher")
-
-    def loss_fn(model, ema, batch, key, step):
-        return loss_from_draws(bk, cfg, model, ema, batch, draw(bk, key, batch, cfg))
-    return loss_fn
-
-
-def ema_decay(cfg: ShortcutConfig, default: float) -> float:
-    """The preset's constant decay: the same EMA gives the bootstrap targets and the samples."""
-    return default
-
-
-@cache
-def _jump(bk, cfg: ShortcutConfig):
-    """One compiled jump ``z ↦ z − 2^−level·s_θ(z, t, 2^−level)`` for every level (level is an input)."""
-    def jump(model, z, t, level, y):
-        d = 2.0 ** -bk.xp.broadcast_to(level, (z.shape[0],))
-        return z - expand(d, z) * shortcut(bk, model, cfg, z, t, level, y)
-    return bk.inference(jump)
-
-
-def sample(bk, model, cfg: ShortcutConfig, x1, steps: int, y=None, solver: str | None = None, seed: int = 0,
-           trajectory: bool = False):
+def sample(bk, cfg: Config, model, x1, steps: int, key, y=None, trajectory: bool = False):
     """``steps`` equal jumps from t = 1 to 0, each ``z ↦ z − d·s_θ(z, t, d)`` with ``d = 1/steps``;
-    ``steps`` is a power of two ≤ ``max_steps``.  Deterministic, so ``seed`` is unused.  With
+    ``steps`` is a power of two ≤ ``max_steps``.  Deterministic, so ``key`` is unused.  With
     ``trajectory=True`` a numpy array ``(steps + 1, n, ...)`` of every point visited."""
-    no_solver("shortcut", solver)
-    level = bk.from_numpy(np.asarray(float(level_of_steps(cfg, steps))))
-    jump = _jump(bk, cfg)
-    z, path = x1, [bk.to_numpy(x1)]
-    for i in range(steps):
-        z = jump(model, z, bk.from_numpy(np.asarray(1.0 - i / steps)), level, y)
-        if trajectory:
-            path.append(bk.to_numpy(z))
-    return np.stack(path) if trajectory else z
+    level_of_steps(cfg, steps)
+    return sample_jumps(bk, average_velocity, model, cfg, x1, uniform_times(steps), y, trajectory)

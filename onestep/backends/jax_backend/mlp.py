@@ -10,7 +10,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ..base import MLPConfig
+from ..architectures import MLPConfig
 from ..embedding import embed_conditions, frequencies
 
 

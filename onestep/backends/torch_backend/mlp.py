@@ -11,7 +11,7 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-from ..base import MLPConfig
+from ..architectures import MLPConfig
 from ..embedding import frequencies
 from . import tangent as tg
 

@@ -135,3 +135,25 @@ def linear_map(f: Callable, *pairs):
         return out, None
     with torch.no_grad():
         return out, f(*(torch.zeros_like(h) if dh is None else dh for h, dh in pairs))
+
+
+def bilinear(f: Callable, a, b):
+    """``f`` linear in each of its two arguments (a product, an einsum): the tangent is
+    ``f(da, b) + f(a, db)``, a missing tangent dropping its term."""
+    (h, dh), (g, dg) = a, b
+    out = f(h, g)
+    if dh is None and dg is None:
+        return out, None
+    with torch.no_grad():
+        terms = ([] if dh is None else [f(dh, g)]) + ([] if dg is None else [f(h, dg)])
+        return out, sum(terms[1:], terms[0])
+
+
+def softmax(h, dh):
+    """Softmax over the last axis; its Jacobian ``diag(w) − wwᵀ`` is symmetric, so the JVP equals the
+    VJP: aten's ``_softmax_backward_data``, ``w·(dh − Σ w·dh)``, from the primal weights ``w``."""
+    out = F.softmax(h, dim=-1)
+    if dh is None:
+        return out, None
+    with torch.no_grad():
+        return out, torch.ops.aten._softmax_backward_data(dh, out, -1, h.dtype)
