@@ -169,6 +169,9 @@ def bench_steps(backends, nets, device, steps, torch_options, batch_override=Non
     """One row per backend × way to the JVP × net: FM and JVP-probe step times and their ratio; the
     default way (torch's ``bk.jvp``, JAX's jit) also times the methods' own FM, iCT and sCT losses."""
     rows = []
+    # counted before anything is compiled: once torch.compile has run in this process, torch's FLOP
+    # counter fails on forward-AD dual tensors (an internal assert in make_dual)
+    flops = {net: flops_ratio(NETS[net][0], batch_override or NETS[net][1]) for net in nets}
     for name in backends:
         bk = get_backend(name, device=device)
         if name == "torch" and bk.device.type == "cpu":
@@ -191,7 +194,7 @@ def bench_steps(backends, nets, device, steps, torch_options, batch_override=Non
                     continue
                 ms = {k: 1e3 * statistics.median(probes[k]) for k in ("fm", "jvp")}
                 row.update({"fm_ms": ms["fm"], "jvp_ms": ms["jvp"], "jvp_over_fm": median_ratio(probes, "jvp", "fm"),
-                            "flops_ratio": flops_ratio(cfg, batch), "steps_per_s": 1e3 / ms["fm"],
+                            "flops_ratio": flops[net], "steps_per_s": 1e3 / ms["fm"],
                             "compile_s": probes["fm_first"] + probes["jvp_first"] if compile else None})
                 line = (f"  {name:5s} {option:12s} {net:12s} FM {ms['fm']:8.2f} ms  JVP {ms['jvp']:8.2f} ms  "
                         f"ratio {row['jvp_over_fm']:5.2f} (FLOPs {row['flops_ratio']:4.2f})")

@@ -16,6 +16,7 @@ from onestep import get_backend
 from onestep.backends.architectures import MLPConfig, UNetConfig, model_shape
 from onestep.backends.embedding import EMBEDDING_TIME_SCALE
 from onestep.backends.torch_backend import tangent
+from onestep.methods import cm, make_loss, meanflow, method_of
 from onestep.paths import LINEAR, expand
 
 torch.set_num_threads(1)
@@ -262,3 +263,30 @@ def test_jax_jvp_step_adds_one_forward_of_matmuls():
         steps[objective] = count(step.lower(state.model, state.ema, None, state.opt_state, data, np.arange(N),
                                             jb.key(0), np.asarray(0, np.uint32), np.float64(0.9), None))
     assert steps["meanflow"] == steps["fm"] + forward, steps
+
+
+# -- the methods' own losses take the fast path ------------------------------------------------------
+@pytest.mark.parametrize("cfg", [cm.variant_config("sct"), meanflow.Config()], ids=["sct", "meanflow"])
+def test_method_losses_take_the_hand_carried_tangent(cfg, monkeypatch):
+    """sCT (Chapter 2) and MeanFlow reach the hand-carried tangent through ``bk.jvp``: every linear
+    layer of the network sees a tangent, and ``torch.func.jvp`` is never called."""
+    tb = get_backend("torch", precision="float64")
+    net = MLPConfig(data_dim=3, n_cond=method_of(cfg).n_cond(cfg), width=16, depth=2)
+    model = tb.make_model(net, tb.key(0))
+    seen = []
+    linear = tangent.linear
+
+    def recording_linear(layer, h, dh):
+        seen.append((layer, dh is not None))
+        return linear(layer, h, dh)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.func.jvp called")
+
+    monkeypatch.setattr(tangent, "linear", recording_linear)
+    monkeypatch.setattr(torch.func, "jvp", refuse)
+    batch = {"x": tb.from_numpy(np.random.default_rng(0).normal(size=(8, 3))), "y": None}
+    loss, _ = make_loss(tb, cfg, 100)(model, model, batch, tb.key(1), 10)
+    loss.backward()
+    with_tangent = {layer for layer, carried in seen if carried}
+    assert with_tangent == set(model.layers), seen

@@ -42,8 +42,9 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Residual self-attention over the pixels: GroupNorm, a 1×1 conv to queries, keys and values,
     ``softmax(q·k/√d)`` per head, a 1×1 output conv that starts at zero.  Written with einsum and
-    softmax: the fused kernels of ``F.scaled_dot_product_attention`` have no forward-mode AD, which
-    ``bk.jvp`` needs."""
+    softmax: the tangent needs the attention weights, and the fused kernels of
+    ``F.scaled_dot_product_attention`` neither return them nor have forward-mode AD (which
+    ``torch.func.jvp``, the reference the tangent is tested against, needs)."""
 
     def __init__(self, ch: int, heads: int):
         super().__init__()
@@ -58,11 +59,12 @@ class Attention(nn.Module):
         """A pair ``x`` (n, c, H, W) -> a pair (n, c, H, W)."""
         n, c, h, w = x[0].shape
         d = c // self.heads
-        qkv = tg.linear_map(lambda a: a.reshape(n, 3, self.heads, d, h * w), tg.linear(self.qkv, *tg.group_norm(self.norm, *x)))
-        q, k, v = (tg.linear_map(lambda a, i=i: a[:, i], qkv) for i in range(3))
+        qkv = tg.linear(self.qkv, *tg.group_norm(self.norm, *x))
+        q, k, v = (tg.linear_map(lambda a, i=i: a.reshape(n, 3, self.heads, d, h * w)[:, i], qkv) for i in range(3))
         logits = tg.bilinear(lambda a, b: torch.einsum("nhdi,nhdj->nhij", a, b) / math.sqrt(d), q, k)
         out = tg.bilinear(lambda a, b: torch.einsum("nhij,nhdj->nhdi", a, b), tg.softmax(*logits), v)
-        return tg.linear_map(torch.add, x, tg.linear(self.proj, *tg.linear_map(lambda a: a.reshape(n, c, h, w), out)))
+        out = tg.linear(self.proj, *tg.linear_map(lambda a: a.reshape(n, c, h, w), out))
+        return tg.linear_map(torch.add, x, out)
 
 
 class Down(nn.Module):
