@@ -3,14 +3,18 @@
 ``jvp(fn, primals, tangents)`` runs ``fn`` once on torch forward-AD dual tensors. Our MLP and U-Net
 recognise dual inputs (only inside ``jvp``) and run their forward on pairs ``(h, dh)``: the primal
 ``h`` with autograd as in a plain forward, the tangent ``dh`` under ``torch.no_grad`` (each linear or
-conv map without its bias, exact derivatives of the nonlinearities), then hand back a dual output.
+conv map without its bias, exact derivatives of SiLU, GroupNorm, the time embedding and attention's
+products and softmax), then hand back a dual output.
 Elementwise method math around the model call (``cond = stack([r, t])``, input scalings) propagates
 its tangents with torch's own forward AD.
 
 Why: every JVP objective in the book stops the gradient of the tangent, so the tangent needs no
 autograd graph and the backward runs through the primal output only. ``torch.func.jvp`` records the
-tangent computation for backward and pays forward-AD dispatch on every op; this path costs about one
-forward for the primal, one for the tangent and one backward: 4/3 of a flow-matching step.
+tangent computation for backward and pays forward-AD dispatch on every op; this path costs one
+forward for the primal, one for the tangent and one backward (two forwards' worth): 4/3 of a
+flow-matching step. The primal and the tangent go through each layer in two calls, not one batched
+call on ``[h; dh]``: a batched call would put the tangent rows in the autograd graph, and the
+backward would multiply the weights' gradients over them too.
 
 The layer helpers take and return pairs ``(h, dh)``; ``dh is None`` means "no tangent" and makes
 them a plain forward, so each network is written once for both uses.
