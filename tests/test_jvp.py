@@ -241,8 +241,9 @@ def test_torch_jvp_step_adds_one_forward_of_flops(name):
 def test_jax_jvp_step_adds_one_forward_of_matmuls():
     """The backend's jitted train step (one XLA program: one dispatch per step) of the MeanFlow
     objective holds the FM step's matmuls plus one forward's worth: XLA does not run the forward twice.
-    (The U-Net's convolutions and matmuls behave the same, checked once by hand: its steps take a
-    minute to compile.)"""
+    (The U-Nets' convolutions and dots behave the same, attention's two products of activations
+    counting twice, as in torch: checked once by hand, see benchmarks/README.md; their steps take
+    minutes to compile.)"""
     import equinox as eqx
 
     jb = get_backend("jax", precision="float32")
