@@ -129,8 +129,11 @@ class JaxBackend(CompileCache):
 
     # -- autodiff -------------------------------------------------------------
     def jvp(self, fn: Callable, primals: tuple, tangents: tuple):
-        out, tangent = jax.jvp(fn, primals, tangents)
-        return out, jax.lax.stop_gradient(tangent)
+        """``(primal_out, tangent_out)``: the primal output carries gradients to the parameters, the
+        tangent is stop-gradient (every JVP objective in the book stops it; the backward then runs
+        through the primal only, so a jitted JVP step costs about 4/3 of a flow-matching step)."""
+        primal, tangent = jax.jvp(fn, primals, tangents)
+        return primal, jax.lax.stop_gradient(tangent)
 
     def stop_gradient(self, x):
         return jax.lax.stop_gradient(x)

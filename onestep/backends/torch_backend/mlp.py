@@ -1,7 +1,8 @@
 """The MLP for flat data (2-D sets), as a torch ``nn.Module``.
 
 Parameter names and shapes (``layers.{i}.weight`` of shape (out, in), ``label_emb.weight``)
-are the exchange format shared with the JAX backend's MLP.
+are the exchange format shared with the JAX backend's MLP. The forward is written on
+(primal, tangent) pairs for the backend's cheap JVP (see ``tangent``).
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 from torch import nn
 
 from ..architectures import MLPConfig
-from ..embedding import embed_conditions, frequencies
+from ..embedding import frequencies
+from . import tangent as tg
 
 
 class MLP(nn.Module):
@@ -26,12 +28,17 @@ class MLP(nn.Module):
             self.label_emb = nn.Embedding(cfg.n_classes + 1, cfg.emb_dim)  # last row: "no label"
 
     def forward(self, x, cond, y=None):
-        h = [x, embed_conditions(torch, cond, self.freqs)]
+        """``x`` (n, data_dim), ``cond`` (n, n_cond), ``y`` None or labels (n,) -> (n, data_dim)."""
+        return tg.call(self.forward_pairs, x, cond, y)
+
+    def forward_pairs(self, x, dx, cond, dcond, y):
+        """The network on (primal, tangent) pairs; ``dx = dcond = None`` is the plain forward."""
+        h = [(x, dx), tg.embed(cond, dcond, self.freqs)]
         if self.cfg.n_classes:
             if y is None:
                 y = torch.full((x.shape[0],), self.cfg.n_classes, device=x.device, dtype=torch.long)
-            h.append(self.label_emb(y))
-        h = torch.cat(h, dim=1)
+            h.append((self.label_emb(y), None))  # labels are integers: no tangent
+        h = tg.linear_map(lambda *parts: torch.cat(parts, dim=1), *h)
         for layer in self.layers[:-1]:
-            h = nn.functional.silu(layer(h))
-        return self.layers[-1](h)
+            h = tg.silu(*tg.linear(layer, *h))
+        return tg.linear(self.layers[-1], *h)

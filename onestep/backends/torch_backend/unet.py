@@ -1,7 +1,9 @@
 """The small image U-Net, as a torch ``nn.Module``.
 
 Its ``state_dict`` keys and shapes (``down.{i}.block.conv1.weight``, ``emb_in.weight``,
-...) are the exchange format shared with the JAX backend's U-Net.
+...) are the exchange format shared with the JAX backend's U-Net. The blocks take and return
+(primal, tangent) pairs for the backend's cheap JVP (see ``tangent``); a ``None`` tangent is a
+plain forward.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..architectures import UNetConfig, group_count, unet_levels
-from ..embedding import embed_conditions, frequencies
+from ..embedding import frequencies
+from . import tangent as tg
 
 
 class ResBlock(nn.Module):
@@ -28,17 +31,20 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, emb):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        return h + self.skip(x)
+        """Pairs ``x`` (n, c_in, H, W) and ``emb`` (n, emb_dim) -> a pair (n, c_out, H, W)."""
+        h = tg.linear(self.conv1, *tg.silu(*tg.group_norm(self.norm1, *x)))
+        bias = tg.linear_map(lambda e: e[:, :, None, None], tg.linear(self.emb_proj, *tg.silu(*emb)))
+        h = tg.linear_map(torch.add, h, bias)
+        h = tg.linear(self.conv2, *tg.silu(*tg.group_norm(self.norm2, *h)))
+        return tg.linear_map(torch.add, h, tg.linear(self.skip, *x))
 
 
 class Attention(nn.Module):
     """Residual self-attention over the pixels: GroupNorm, a 1×1 conv to queries, keys and values,
     ``softmax(q·k/√d)`` per head, a 1×1 output conv that starts at zero.  Written with einsum and
-    softmax: the fused kernels of ``F.scaled_dot_product_attention`` have no forward-mode AD, which
-    ``bk.jvp`` needs."""
+    softmax: the tangent needs the attention weights, and the fused kernels of
+    ``F.scaled_dot_product_attention`` neither return them nor have forward-mode AD (which
+    ``torch.func.jvp``, the reference the tangent is tested against, needs)."""
 
     def __init__(self, ch: int, heads: int):
         super().__init__()
@@ -50,11 +56,15 @@ class Attention(nn.Module):
         self.heads = heads
 
     def forward(self, x):
-        n, c, h, w = x.shape
+        """A pair ``x`` (n, c, H, W) -> a pair (n, c, H, W)."""
+        n, c, h, w = x[0].shape
         d = c // self.heads
-        q, k, v = self.qkv(self.norm(x)).reshape(n, 3, self.heads, d, h * w).unbind(1)
-        weights = torch.softmax(torch.einsum("nhdi,nhdj->nhij", q, k) / math.sqrt(d), dim=-1)
-        return x + self.proj(torch.einsum("nhij,nhdj->nhdi", weights, v).reshape(n, c, h, w))
+        qkv = tg.linear(self.qkv, *tg.group_norm(self.norm, *x))
+        q, k, v = (tg.linear_map(lambda a, i=i: a.reshape(n, 3, self.heads, d, h * w)[:, i], qkv) for i in range(3))
+        logits = tg.bilinear(lambda a, b: torch.einsum("nhdi,nhdj->nhij", a, b) / math.sqrt(d), q, k)
+        out = tg.bilinear(lambda a, b: torch.einsum("nhij,nhdj->nhdi", a, b), tg.softmax(*logits), v)
+        out = tg.linear(self.proj, *tg.linear_map(lambda a: a.reshape(n, c, h, w), out))
+        return tg.linear_map(torch.add, x, out)
 
 
 class Down(nn.Module):
@@ -67,11 +77,11 @@ class Down(nn.Module):
         self.pool = pool
 
     def forward(self, x, emb):
-        """Return ``(skip, h)``: the block's output and its (pooled) continuation."""
+        """Return pairs ``(skip, h)``: the block's output and its (pooled) continuation."""
         skip = self.block(x, emb)
         if self.attn is not None:
             skip = self.attn(skip)
-        return skip, (F.avg_pool2d(skip, 2) if self.pool else skip)
+        return skip, (tg.linear_map(lambda h: F.avg_pool2d(h, 2), skip) if self.pool else skip)
 
 
 class Up(nn.Module):
@@ -84,9 +94,10 @@ class Up(nn.Module):
         self.upsample = upsample
 
     def forward(self, x, skip, emb):
+        """Pairs in, a pair out."""
         if self.upsample:
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
-        h = self.block(torch.cat([x, skip], dim=1), emb)
+            x = tg.linear_map(lambda h: F.interpolate(h, scale_factor=2, mode="nearest"), x)
+        h = self.block(tg.linear_map(lambda a, b: torch.cat([a, b], dim=1), x, skip), emb)
         return h if self.attn is None else self.attn(h)
 
 
@@ -117,16 +128,20 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x, cond, y=None):
-        emb = self.emb_out(F.silu(self.emb_in(embed_conditions(torch, cond, self.freqs))))
+        """``x`` (n, C, H, W), ``cond`` (n, n_cond), ``y`` None or labels (n,) -> (n, C, H, W)."""
+        return tg.call(self.forward_pairs, x, cond, y)
+
+    def forward_pairs(self, x, dx, cond, dcond, y):
+        """The network on (primal, tangent) pairs; ``dx = dcond = None`` is the plain forward."""
+        emb = tg.linear(self.emb_out, *tg.silu(*tg.linear(self.emb_in, *tg.embed(cond, dcond, self.freqs))))
         if self.cfg.n_classes:
             if y is None:
                 y = torch.full((x.shape[0],), self.cfg.n_classes, device=x.device, dtype=torch.long)
-            emb = emb + self.label_emb(y)
-        h = self.conv_in(x)
-        h = unet_levels(h, emb, self.down, self.middle, self.up)
-        return self.conv_out(F.silu(self.norm_out(h)))
+            emb = tg.linear_map(torch.add, emb, (self.label_emb(y), None))  # integer labels: no tangent
+        h = unet_levels(tg.linear(self.conv_in, x, dx), emb, self.down, self.middle, self.up)
+        return tg.linear(self.conv_out, *tg.silu(*tg.group_norm(self.norm_out, *h)))
 
     def middle(self, h, emb):
-        """The deepest block, then attention when the network has any."""
+        """The deepest block, then attention when the network has any (pairs in, a pair out)."""
         h = self.mid(h, emb)
         return h if self.mid_attn is None else self.mid_attn(h)
