@@ -30,7 +30,7 @@ import numpy as np
 from onestep import get_backend
 from onestep.backends.architectures import MLPConfig, UNetConfig
 from onestep.methods import cm, fm, make_loss
-from onestep.paths import interpolate
+from onestep.paths import LINEAR
 
 
 def fm_probe(bk):
@@ -41,7 +41,7 @@ def fm_probe(bk):
         t = bk.uniform(kt, (x0.shape[0],))
         x1 = bk.normal(kx, tuple(x0.shape))
         cond = bk.xp.stack([t, t], axis=1)
-        err = model(interpolate(x0, x1, t), cond) - (x1 - x0)
+        err = model(LINEAR.sample(bk.xp, x0, x1, t), cond) - (x1 - x0)
         return bk.xp.mean(err ** 2), {}
     return loss_fn
 
@@ -56,7 +56,7 @@ def jvp_probe(bk):
         x1 = bk.normal(kx, tuple(x0.shape))
         v = x1 - x0
         u, du_dt = bk.jvp(lambda z, s: model(z, bk.xp.stack([r, s], axis=1)),
-                          (interpolate(x0, x1, t), t), (v, bk.xp.ones_like(t)))
+                          (LINEAR.sample(bk.xp, x0, x1, t), t), (v, bk.xp.ones_like(t)))
         gap = (t - r).reshape((-1,) + (1,) * (x0.ndim - 1))
         target = bk.stop_gradient(v - gap * du_dt)
         return bk.xp.mean((u - target) ** 2), {}

@@ -229,6 +229,20 @@ def test_draws_follow_the_curriculum():
         assert np.abs(counts - p).max() < 4 * np.sqrt(p.max() / 4000) + 1e-3
 
 
+@pytest.mark.parametrize("name", ["torch", "jax"])
+def test_two_runs_of_one_config_share_its_curriculum_tables(name):
+    """The curriculum's device tables are built once per backend and reused by a second compiled loss
+    (a JAX table built while tracing the first step must not leak a tracer into the second)."""
+    bk = get_backend(name)
+    cfg = config("ict")
+    data = {"x": bk.from_numpy(np.random.default_rng(0).normal(size=(16, 2))), "y": None}
+    for _ in range(2):
+        state = bk.init_train_state(bk.make_model(replace(NET, n_classes=0), bk.key(0)), lr=1e-3, ema_decay=0.9)
+        state, loss, _ = bk.train_step(make_loss(bk, cfg, 50), state, data, np.arange(16), bk.key(1))
+        assert np.isfinite(float(loss))
+    assert (cm.curriculum_tables, (bk, cfg, 50)) in bk._cache
+
+
 def test_curricula_grow_and_ct_target_decay_rises():
     ct = cm.variant_config("ct", sigma_data=SIGMA_D)  # CT as published: an EMA target at μ(k)
     n = cm.n_schedule(ct, 1000)

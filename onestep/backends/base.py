@@ -102,8 +102,10 @@ class Backend(Protocol):
 class CompileCache:
     """What a backend compiles or builds once: functions for inference and device tables.
 
-    A backend implements ``_compile(fn)`` (jit in JAX, gradient-free eager calls in torch); the
-    cache is keyed by the function itself, so methods pass module-level functions, not closures.
+    A backend implements ``_compile(fn)`` (jit in JAX, gradient-free eager calls in torch) and
+    ``_eagerly()`` (a context in which array code runs now, even inside a traced function, so a
+    cached table never holds a tracer); the cache is keyed by the function itself, so methods pass
+    module-level functions, not closures.
     """
 
     def __init__(self):
@@ -118,7 +120,8 @@ class CompileCache:
     def cached(self, build: Callable, *args):
         """``build(*args)``, computed once per backend (device tables such as a curriculum's grids)."""
         if (build, args) not in self._cache:
-            self._cache[build, args] = build(*args)
+            with self._eagerly():
+                self._cache[build, args] = build(*args)
         return self._cache[build, args]
 
 

@@ -53,7 +53,7 @@ from ..conventions import (
     trigflow_scale,
 )
 from ..ode import ode_step
-from ..paths import expand, interpolate
+from ..paths import LINEAR, expand
 from ..times import karras_sigmas
 from .flowmap import check_steps, condition_labels, label_dropout, per_row
 
@@ -306,9 +306,9 @@ def discrete_loss(bk, cfg: Config, model, target, batch: dict, draws: dict, teac
     x0, noise, s_lo, s_hi = batch["x"], draws["noise"], draws["sigma_lo"], draws["sigma_hi"]
     t_lo, t_hi = t_from_sigma(s_lo), t_from_sigma(s_hi)
     y = condition_labels(bk, model, batch.get("y"), draws.get("drop"))
-    z_hi = interpolate(x0, noise, t_hi)
+    z_hi = LINEAR.sample(bk.xp, x0, noise, t_hi)
     if teacher is None:
-        z_lo = interpolate(x0, noise, t_lo)  # CT: the same noise one grid step cleaner
+        z_lo = LINEAR.sample(bk.xp, x0, noise, t_lo)  # CT: the same noise one grid step cleaner
     else:
         z_lo = bk.stop_gradient(ode_step(teacher, z_hi, t_hi, t_lo, y, "heun"))  # one teacher Heun step
     f_lo = consistency(bk, target if cfg.target == "ema" else model, cfg, z_lo, t_lo, y)

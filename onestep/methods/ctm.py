@@ -46,7 +46,7 @@ from itertools import pairwise
 
 from ..conventions import edm_point, sigma_from_t
 from ..ode import ode_step
-from ..paths import conditional_velocity, expand, interpolate
+from ..paths import LINEAR, expand
 from .flowmap import condition_labels, jump, label_dropout, sample_jumps, uniform_times
 
 VARIANTS = ("ctm",)
@@ -133,15 +133,15 @@ def loss_from_draws(bk, cfg: Config, model, target, batch: dict, draws: dict, te
     x0, x1, t, u, s = batch["x"], draws["x1"], draws["t"], draws["u"], draws["s"]
     y = condition_labels(bk, model, batch.get("y"), draws.get("drop"))
     end = xp.zeros_like(t)
-    z_t = interpolate(x0, x1, t)
+    z_t = LINEAR.sample(xp, x0, x1, t)
     estimate = flow_map(bk, target, cfg, flow_map(bk, model, cfg, z_t, t, s, y), s, end, y)
     z_u = bk.stop_gradient(teacher_solve(teacher, z_t, t, u, y, cfg.teacher_steps))
     ctm_target = bk.stop_gradient(flow_map(bk, target, cfg, flow_map(bk, target, cfg, z_u, u, s, y), s, end, y))
     ctm = xp.mean((estimate - ctm_target) ** 2)
 
     tau, noise = draws["dsm_t"], draws["dsm_x1"]
-    velocity = average_velocity(bk, model, cfg, interpolate(x0, noise, tau), tau, tau, y)
-    dsm = xp.mean((velocity - conditional_velocity(x0, noise)) ** 2)
+    velocity = average_velocity(bk, model, cfg, LINEAR.sample(xp, x0, noise, tau), tau, tau, y)
+    dsm = xp.mean((velocity - LINEAR.velocity(xp, x0, noise, tau)) ** 2)
     weight = cfg.dsm_weight
     if cfg.dsm_balance == "adaptive":
         weight = weight * bk.stop_gradient(xp.sqrt(ctm / (dsm + 1e-12)))

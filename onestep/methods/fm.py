@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ode import check_solver, integrate
-from ..paths import conditional_velocity, interpolate
+from ..paths import LINEAR
 from ..times import TIME_SAMPLERS, sample_times
 from .flowmap import condition_labels, label_dropout, per_row
 
@@ -60,7 +60,7 @@ def loss_from_draws(bk, cfg: Config, model, target, batch: dict, draws: dict, te
     """Mean squared error to the conditional velocity (mean over rows and dimensions)."""
     x0, x1, t = batch["x"], draws["x1"], draws["t"]
     y = condition_labels(bk, model, batch.get("y"), draws.get("drop"))
-    err = velocity(bk, model, interpolate(x0, x1, t), t, y) - conditional_velocity(x0, x1)
+    err = velocity(bk, model, LINEAR.sample(bk.xp, x0, x1, t), t, y) - LINEAR.velocity(bk.xp, x0, x1, t)
     loss = bk.xp.mean(err ** 2)
     return loss, {"mse": loss}
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..paths import conditional_velocity, expand, interpolate
+from ..paths import LINEAR, expand
 from .flowmap import condition_labels, label_dropout, sample_jumps, uniform_times
 
 VARIANTS = ("shortcut",)
@@ -131,8 +131,8 @@ def targets(bk, cfg: Config, net, batch: dict, draws: dict):
     ``n // bootstrap_every`` rows, ``x1 − x0`` on the rest."""
     x0, x1, t, level = batch["x"], draws["x1"], draws["t"], draws["level"]
     y = condition_labels(bk, net, batch.get("y"), draws.get("drop"))
-    z = interpolate(x0, x1, t)
-    target = conditional_velocity(x0, x1)
+    z = LINEAR.sample(bk.xp, x0, x1, t)
+    target = LINEAR.velocity(bk.xp, x0, x1, t)
     n_boot = x0.shape[0] // cfg.bootstrap_every
     if n_boot:
         boot = bootstrap_target(bk, net, cfg, z[:n_boot], t[:n_boot], level[:n_boot],

@@ -106,6 +106,10 @@ class JaxBackend(CompileCache):
         """``fn`` jitted (``eqx.filter_jit``: arrays traced, everything else static)."""
         return eqx.filter_jit(fn)
 
+    @staticmethod
+    def _eagerly():
+        return jax.ensure_compile_time_eval()
+
     # -- training -------------------------------------------------------------
     def init_train_state(self, model, lr: float, ema_decay, target_decay=None, grad_clip: float | None = None):
         opt = optax.adam(lr)

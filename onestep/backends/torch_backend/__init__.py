@@ -1,6 +1,7 @@
 """PyTorch implementation of the Backend protocol (see ``onestep.backends.base``)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 
@@ -113,6 +114,10 @@ class TorchBackend(CompileCache):
             with torch.no_grad():
                 return fn(*args, **kwargs)
         return no_grad
+
+    @staticmethod
+    def _eagerly():
+        return contextlib.nullcontext()  # eager torch traces nothing
 
     # -- training -------------------------------------------------------------
     def init_train_state(self, model, lr: float, ema_decay, target_decay=None, grad_clip: float | None = None):
