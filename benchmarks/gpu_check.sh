@@ -30,3 +30,10 @@ print(sys.argv[1], "train steps/s", round(m["steps"] / m["train_seconds"], 1), "
 PY
   rm -f "$OUT/fm-mnist-$b/checkpoint"
 done
+# Every method's full CIFAR-10 preset for a few minutes per backend, on one device and on all of them
+# (steps/s, images/s, peak memory, FID-10k); needs the CIFAR-10 batches in $ONESTEP_CIFAR10.
+if [ -n "${ONESTEP_CIFAR10:-}" ]; then
+  python3 benchmarks/scale_check.py --out "$OUT/scale" --steps "${SCALE_STEPS:-2000}" 2>&1 | grep -v Warning
+else
+  echo "scale check skipped: set ONESTEP_CIFAR10 to a cifar-10-batches-py folder"
+fi

@@ -2,14 +2,18 @@
 
 ``Chapter.setup`` resolves the scale, builds the backend twice (float32 to train, float64 for the
 derivation checks), reads the chapter's preset, opens the run directory when ``out_dir`` is given
-and starts the clock; ``Chapter.finish`` writes ``run.json`` and ``metrics.json``, commits the run
-and returns the summary table.  ``table`` renders result rows as a Markdown table.
+and starts the clock; ``Chapter.fit`` trains one of the chapter's runs, checkpointing it in the run
+directory (so a chapter stopped half-way, e.g. by a preempted batch job, continues each run where it
+stopped: an unfinished ``<out_dir>.partial`` is resumed, not wiped); ``Chapter.finish`` writes
+``run.json`` and ``metrics.json``, commits the run and returns the summary table.  ``table`` renders result rows as a Markdown table.
 
 Import this module before numpy, torch or JAX in a notebook: it sets one-thread defaults for
 BLAS, torch and XLA (values already in the environment win), steadier on a shared 2-core machine.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -25,7 +29,7 @@ from IPython.display import Markdown
 
 from .backends import get_backend
 from .presets import chapter_preset, resolve_scale
-from .runs import RunDir, provenance
+from .runs import CHECKPOINTS, RunDir, fit, provenance, to_jsonable
 
 
 def table(rows: list[dict], cols: list[str] | None = None, fmt: str = "{:.3f}") -> str:
@@ -56,10 +60,28 @@ class Chapter:
         plt.rcParams.update({"figure.dpi": 90, "animation.embed_limit": 64})
         chapter = cls(name=name, params={"backend": backend, "scale": scale, "seed": seed, "device": device},
                       bk=bk, bk64=get_backend(backend, device=device, precision="float64"),
-                      preset=chapter_preset(name, scale), run=RunDir(out_dir, overwrite=True) if out_dir else None,
-                      start=time.perf_counter())
+                      preset=chapter_preset(name, scale), run=cls._run_dir(out_dir, bk), start=time.perf_counter())
         print(f"backend={backend} scale={scale} device={bk.device}")
         return chapter
+
+    @staticmethod
+    def _run_dir(out_dir: str | None, bk) -> RunDir | None:
+        """The chapter's run directory; a ``.partial`` one left by an interrupted execution is continued."""
+        if not out_dir:
+            return None
+        unfinished = os.path.isdir(os.path.abspath(out_dir) + ".partial")
+        return RunDir(out_dir, overwrite=True, resume=unfinished, main=bk.topology.is_main)
+
+    def fit(self, name: str, preset, teacher=None, seed: int | None = None):
+        """``runs.fit`` of the chapter's run ``name``: ``(state, history, data)``.  With a run directory the
+        run is checkpointed there (under its name and a digest of its preset, so a changed preset never
+        resumes an old checkpoint) and continued from an earlier checkpoint."""
+        seed = self.params["seed"] if seed is None else seed
+        ckpt = None
+        if self.run:
+            digest = hashlib.sha1(json.dumps(to_jsonable(preset), sort_keys=True).encode()).hexdigest()[:12]
+            ckpt = self.run.file(os.path.join(CHECKPOINTS, f"{name}-seed{seed}-{digest}"))
+        return fit(self.bk, preset, seed=seed, ckpt_path=ckpt, resume=True, teacher=teacher)
 
     @property
     def scale(self) -> str:
@@ -76,7 +98,7 @@ class Chapter:
         results = {**self.params, **results, "chapter_seconds": self.seconds()}
         if self.run:
             self.run.write_json("run.json", {"chapter": self.name, "params": self.params, "preset": self.preset,
-                                             "provenance": provenance(self.bk)})
+                                             **self.bk.topology.record(), "provenance": provenance(self.bk)})
             self.run.write_json("metrics.json", results)
             print("wrote", self.run.commit())
         print(f"chapter ran in {results['chapter_seconds']:.0f} s ({self.params['backend']}, {self.scale})")

@@ -3,7 +3,8 @@
 2-D sets: exact W2 and MMD against fresh data (and, for exact mixtures, the mean
 log-likelihood and mode coverage; for the checkerboard, the fraction in support).
 Images: Fréchet distance in the features of the data set's reference classifier and,
-for class-conditional samples, the classifier's accuracy on the intended labels.
+for class-conditional samples, the classifier's accuracy on the intended labels; CIFAR-10
+(no reference classifier): FID against the Inception statistics of its training set.
 ``perfect_sampler_score`` scores real data the same way (what a perfect sampler gets at that n);
 ``over_seeds`` and ``committed_seeds`` gather a chapter's numbers over training seeds.
 """
@@ -19,6 +20,7 @@ from .data import dataset_info, load, oracle
 
 # Fresh reference data never shares a seed with the training set.
 _REFERENCE_SEED = 10_007
+FID_DATASETS = ("cifar10",)  # scored by FID against their training set (no reference classifier)
 
 
 def reference(dataset: str, n: int, seed: int = 0):
@@ -84,6 +86,8 @@ def evaluate(dataset: str, samples, labels=None, seed: int = 0) -> dict:
         if dataset == "checkerboard":
             out["in_support"] = metrics.checkerboard_support(x)
         return out
+    if dataset in FID_DATASETS:
+        return {"fid": metrics.fid_to_reference(x, metrics.fid_reference(dataset))}
     feats = metrics.ClassifierFeatures.for_dataset(dataset)
     out = {"fd": feats.fd(x, reference(dataset, max(len(x), 1000)))}
     if labels is not None:

@@ -9,6 +9,7 @@ Every function checks its shapes and raises ValueError with the offending shape.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import warnings
 
@@ -346,3 +347,33 @@ def fid(x_gen, x_ref, device: str = "cpu", batch_size: int = 50) -> float:
     """FID: Fréchet distance between the Inception features of two image sets in [-1, 1]."""
     return feature_frechet_distance(inception_features(x_gen, device, batch_size),
                                     inception_features(x_ref, device, batch_size))
+
+
+_FID_VERSION = 1  # bump when the feature recipe changes, so stale cached statistics are ignored
+
+
+def fid_statistics(x, device: str = "auto", batch_size: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(d,)`` and covariance ``(d, d)`` of the Inception features of images ``x`` in [-1, 1]."""
+    f = inception_features(x, device, batch_size)
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def fid_reference(dataset: str, device: str = "auto", cache_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """FID's reference: the Inception statistics of the whole training split of ``dataset`` (for CIFAR-10
+    the 50k training images, as the papers report), computed once and cached on disk (default
+    ``$ONESTEP_CACHE`` or ``~/.cache/onestep``) under a digest of the images, so another copy of the
+    data set never reads stale statistics."""
+    x = load(dataset, split="train").x
+    digest = hashlib.sha1(repr(x.shape).encode() + np.ascontiguousarray(x[:: max(1, len(x) // 1000)]).tobytes())
+    path = os.path.join(cache_dir or _cache_dir(), f"fid-{dataset}-{digest.hexdigest()[:16]}-v{_FID_VERSION}.npz")
+    if os.path.isfile(path):
+        with np.load(path) as saved:
+            return saved["mu"], saved["sigma"]
+    mu, sigma = fid_statistics(x, device)
+    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
+    return mu, sigma
+
+
+def fid_to_reference(x_gen, reference: tuple[np.ndarray, np.ndarray], device: str = "auto") -> float:
+    """FID of images ``x_gen`` against reference statistics ``(mu, sigma)`` (``fid_reference``)."""
+    return frechet_distance(*fid_statistics(x_gen, device), *reference)

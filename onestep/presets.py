@@ -14,7 +14,7 @@ from typing import Any
 
 from .backends.architectures import MLPConfig, UNetConfig
 from .data import DATASETS, dataset_info
-from .methods import check_variant, cm, ctm, fm, get_method, shortcut
+from .methods import ayf, check_variant, cm, ctm, fm, get_method, meanflow, shortcut
 from .train import TrainConfig
 
 SCALES = ("smoke", "book", "full")
@@ -50,12 +50,16 @@ class Scale:
 # decay**n of the average (0.999 over 2000 steps left 14% and ruined samples).
 SCALE_TABLE = {
     "smoke": Scale(mlp_2d=(64, 2), mlp_digits=(128, 2), unet_base=16,
-                   train_2d=TrainConfig(steps=400, batch_size=256, lr=3e-3, ema_decay=0.99, log_every=50),
-                   train_images=TrainConfig(steps=400, batch_size=256, lr=3e-3, ema_decay=0.99, log_every=50),
+                   train_2d=TrainConfig(steps=400, batch_size=256, lr=3e-3, ema_decay=0.99, log_every=50,
+                                        ckpt_every=100),
+                   train_images=TrainConfig(steps=400, batch_size=256, lr=3e-3, ema_decay=0.99, log_every=50,
+                                            ckpt_every=100),
                    n_train_2d=20_000, n_eval=500, n_map=300, n_images=300, ict_n_end=80, target_ema=0.99),
     "book": Scale(mlp_2d=(128, 3), mlp_digits=(256, 3), unet_base=None,
-                  train_2d=TrainConfig(steps=3000, batch_size=512, lr=2e-3, ema_decay=0.998, log_every=250),
-                  train_images=TrainConfig(steps=2000, batch_size=256, lr=2e-3, ema_decay=0.995, log_every=250),
+                  train_2d=TrainConfig(steps=3000, batch_size=512, lr=2e-3, ema_decay=0.998, log_every=250,
+                                       ckpt_every=500),
+                  train_images=TrainConfig(steps=2000, batch_size=256, lr=2e-3, ema_decay=0.995, log_every=250,
+                                           ckpt_every=500),
                   n_train_2d=100_000, n_eval=2000, n_map=2000, n_images=1000, ict_n_end=320, target_ema=0.995),
     "full": Scale(mlp_2d=(512, 4), mlp_digits=None, unet_base=None,
                   train_2d=TrainConfig(steps=20_000, batch_size=4096, lr=1e-3, ema_decay=0.9995, log_every=500,
@@ -65,7 +69,12 @@ SCALE_TABLE = {
                   n_train_2d=1_000_000, n_eval=10_000, n_map=10_000, n_images=10_000, ict_n_end=1280,
                   target_ema=0.999, longer_runs={"cifar10": 200_000}),
 }
-UNET = {"digits": (64, (1, 2)), "mnist": (64, (1, 2, 2)), "cifar10": (128, (1, 2, 2, 2))}  # base, mults
+# base width, channel multipliers, attention resolutions.  CIFAR-10: DDPM++'s 128 channels over four
+# levels (32, 16, 8, 4) with attention at 16×16, but one residual block per level (theirs: four)
+UNET = {"digits": (64, (1, 2), ()), "mnist": (64, (1, 2, 2), ()), "cifar10": (128, (1, 2, 2, 2), (16,))}
+# CIFAR-10 at full scale, as the papers report it: FID-50k of the EMA against the training set at the end,
+# FID-10k every 10k steps in the run log, bf16 autocast (torch) around everything but the JVPs
+FID_RUNS = {"cifar10": {"eval_n": 50_000, "periodic_eval_n": 10_000, "eval_every": 10_000}}
 EVAL_STEPS = {"fm": 32}  # sampler steps the CLI evaluates a run with; one step for every other method
 LABEL_DROPOUT = 0.1  # class-conditional runs train 10% of rows unconditionally (classifier-free guidance)
 CT_BOOK_CHANGES = {"target": "online", "weighting": "inv_dsigma"}  # CT as the book trains it (see _method_cfg)
@@ -84,6 +93,7 @@ class RunPreset:
     variant: str = ""  # the method's variant (e.g. cm: ict, ct, cd, sct, scd)
     eval_steps: int = 1  # sampler steps of the CLI's evaluation
     eval_n: int = 2000  # samples of the CLI's evaluation
+    periodic_eval_n: int = 1000  # samples of each evaluation during training (every ``train.eval_every`` steps)
 
 
 def _is_2d(dataset: str) -> bool:
@@ -102,14 +112,16 @@ def _model(dataset: str, scale: Scale, n_cond: int, conditional: bool):
         width, depth = scale.mlp_digits
         return MLPConfig(data_dim=channels * size * size, n_cond=n_cond, width=width, depth=depth,
                          n_classes=n_classes)
-    base, mults = UNET[dataset]
+    base, mults, attention = UNET[dataset]
     return UNetConfig(channels=channels, size=size, n_cond=n_cond, base=scale.unet_base or base, mults=mults,
-                      n_classes=n_classes)
+                      n_classes=n_classes, attention=attention)
 
 
-def _method_cfg(method: str, variant: str, dataset: str, scale: Scale, conditional: bool):
+def _method_cfg(method: str, variant: str, dataset: str, scale: Scale, conditional: bool, autoguided: bool = False):
     """The method's paper config with this book's deviations."""
     label_dropout = LABEL_DROPOUT if conditional else 0.0
+    if method == "ayf":
+        return _ayf_cfg(variant, label_dropout, autoguided)
     sigma_data = dataset_info(dataset).rms  # the papers' σ_d = 0.5 is the RMS of their images
     if method == "fm":
         return fm.Config(label_dropout=label_dropout)
@@ -129,6 +141,16 @@ def _method_cfg(method: str, variant: str, dataset: str, scale: Scale, condition
         return cm.variant_config(variant, sigma_data=sigma_data, label_dropout=label_dropout)
     if method == "ctm":
         return ctm.Config(sigma_data=sigma_data, label_dropout=label_dropout)
+    if method == "meanflow":
+        # The adaptive weight 1/sg((‖Δ‖² + ε)^p) was tuned on 3072- and 4096-dimensional images, where the
+        # per-row sum ‖Δ‖² concentrates and the weight is nearly the same for every row; on 2-D points it
+        # varies by orders of magnitude between rows and pulls the regression off the conditional mean
+        # (Chapter 6's study), so the 2-D sets use p = 0.  The same study finds one-step samples better
+        # with fewer rows at r = t than the ImageNet code's 75%; the 2-D sets use the CIFAR-10 code's 25%.
+        # Images keep 75%: guidance trained in reads the diagonal u(z, t, t), which the r = t rows train.
+        if _is_2d(dataset):
+            return meanflow.Config(norm_p=0.0, border_fraction=0.25, label_dropout=label_dropout)
+        return meanflow.Config(label_dropout=label_dropout)
     # The paper's 1/4 of each batch bootstraps (the code: 1/8), so a batch of 512 gives each of the 7
     # bootstrap levels ~18 rows, not ~9.  The bootstrap targets come from the online network under
     # stop-gradient, not the EMA: each level learns from the one below, so an EMA target delays the
@@ -136,6 +158,16 @@ def _method_cfg(method: str, variant: str, dataset: str, scale: Scale, condition
     # unit-scale data (images in [−1, 1], latents); we widen it to 4·σ_d on wider data (8gaussians).
     return shortcut.Config(bootstrap_every=4, clip=4.0 * max(1.0, sigma_data), ema_target=False,
                            label_dropout=label_dropout)
+
+
+AUTOGUIDANCE = (1.0, 3.0)  # λ ~ U[1, 3] (a re-implementation's reading of the paper; unverified)
+
+
+def _ayf_cfg(variant: str, label_dropout: float, autoguided: bool) -> ayf.Config:
+    """Align Your Flow: the paper's tangent settings (c = 0.1, r_max = 0.99).  Our tangent warmup takes the
+    first 10% of the run (sCM's is 10k of 400k steps; AYF's length is not given)."""
+    return ayf.Config(variant=variant, warmup_fraction=0.1, label_dropout=label_dropout,
+                      guidance=AUTOGUIDANCE if autoguided else None)
 
 
 def _train(method: str, method_cfg, dataset: str, scale: Scale) -> TrainConfig:
@@ -152,26 +184,34 @@ def _train(method: str, method_cfg, dataset: str, scale: Scale) -> TrainConfig:
 
 
 def run_preset(method: str, dataset: str, scale: str, conditional: bool = False, variant: str | None = None,
-               **train_overrides) -> RunPreset:
+               autoguided: bool = False, **train_overrides) -> RunPreset:
     """The settings for training ``method`` (``variant``: its default when None) on ``dataset`` at ``scale``;
-    ``train_overrides`` replace fields of the ``TrainConfig`` (e.g. ``steps``)."""
+    ``autoguided``: distil an autoguided teacher (ayf only); ``train_overrides`` replace fields of the
+    ``TrainConfig`` (e.g. ``steps``)."""
     module = get_method(method)
     variant = check_variant(method, variant)
+    if autoguided and method != "ayf":
+        raise ValueError(f"method {method!r} has no autoguidance; a weak teacher (--weak-teacher) is for --method ayf")
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; accepted: {', '.join(DATASETS)}")
     table = SCALE_TABLE[resolve_scale(scale)]
     if conditional and not dataset_info(dataset).n_classes:
         raise ValueError(f"dataset {dataset!r} has no labels; class-conditional training needs one of "
                          f"{', '.join(d for d in DATASETS if dataset_info(d).n_classes)}")
-    method_cfg = _method_cfg(method, variant, dataset, table, conditional)
-    train = replace(_train(method, method_cfg, dataset, table), **train_overrides)
+    method_cfg = _method_cfg(method, variant, dataset, table, conditional, autoguided)
+    train = _train(method, method_cfg, dataset, table)
     two_d = _is_2d(dataset)
-    model = _model(dataset, table, module.N_COND, conditional)
+    sizes = {"eval_n": 2000 if two_d else 1000}
+    if dataset in FID_RUNS and resolve_scale(scale) == "full":
+        sizes = {k: v for k, v in FID_RUNS[dataset].items() if k != "eval_every"}
+        train = replace(train, eval_every=FID_RUNS[dataset]["eval_every"], mixed_precision=True)
+    model = _model(dataset, table, module.n_cond(method_cfg), conditional)
     if method == "cm" and method_cfg.weighting == "adaptive":  # sCM's learned loss weight w(τ) is a head of the net
         model = replace(model, log_weight_head=True)
     return RunPreset(method=method, dataset=dataset, model=model,
-                     train=train, method_cfg=method_cfg, n_train=table.n_train_2d if two_d else None,
-                     variant=variant, eval_steps=EVAL_STEPS.get(method, 1), eval_n=2000 if two_d else 1000)
+                     train=replace(train, **train_overrides), method_cfg=method_cfg,
+                     n_train=table.n_train_2d if two_d else None, variant=variant,
+                     eval_steps=EVAL_STEPS.get(method, 1), **sizes)
 
 
 # -- chapters ------------------------------------------------------------------------
@@ -341,8 +381,104 @@ def shortcut_chapter(scale: str) -> ShortcutChapter:
     return ShortcutChapter(runs=runs, image_sets=sets, **_sizes(scale), **per_scale)
 
 
+@dataclass(frozen=True)
+class AlignYourFlowChapter:
+    """Chapter 5: AYF distilled on 8gaussians (three objectives, two teachers), the step-count comparison with
+    CM and shortcut models, and autoguided class-conditional digits.  ``live`` runs train on every execution;
+    the rest form the study, trained for every seed in ``seeds`` when the chapter runs with ``study=True``."""
+
+    runs: dict = field(default_factory=dict)  # name -> RunPreset
+    teachers: dict = field(default_factory=dict)  # run -> "exact", an fm run's name, or (teacher, weak teacher)
+    live: tuple = ("emd",)
+    objectives: tuple = ("emd", "lmd", "emd+lmd")  # AYF runs with the exact teacher
+    seeds: tuple = (0, 1, 2)
+    n_eval: int = 2000  # samples for W2 and the mode statistics
+    n_map: int = 2000  # noise points of the flow-map error against the exact map
+    step_counts: tuple = (1, 2, 4, 8, 16)
+    teacher_steps: int = 32  # Heun steps of the FM teachers when they are scored or sampled
+    limit_gaps: tuple = (1e-1, 1e-2, 1e-3)  # t − s of the s → t limit check
+    rk4_steps: int = 100  # RK4 steps of the exact mixture map in the fixed-point check (error ~2e-7)
+    guidance_scales: tuple = (1.0, 1.5, 2.0, 3.0)
+    image_step_counts: tuple = (1, 4)
+    n_images: int = 1000
+
+
+def align_your_flow_chapter(scale: str) -> AlignYourFlowChapter:
+    scale = resolve_scale(scale)
+    two_d = {"smoke": {"steps": 150}, "book": {}, "full": {}}[scale]
+    images = {"smoke": {"steps": 100}, "book": {}, "full": {}}[scale]
+    runs = {**{v: run_preset("ayf", "8gaussians", scale, variant=v, **two_d) for v in ayf.VARIANTS},
+            "fm_teacher": run_preset("fm", "8gaussians", scale, **two_d),
+            "cm": run_preset("cm", "8gaussians", scale, variant="cd", **two_d),
+            "shortcut": run_preset("shortcut", "8gaussians", scale, **two_d),
+            "digits_teacher": run_preset("fm", "digits", scale, conditional=True, **images),
+            "digits": run_preset("ayf", "digits", scale, conditional=True, autoguided=True, **images)}
+    runs["emd_fm"] = runs["emd"]
+    # the weak teacher: the same FM network after a fifth of the teacher's training (autoguidance's "fewer steps")
+    weak_steps = max(runs["digits_teacher"].train.steps // 5, 1)
+    runs["digits_weak"] = replace(runs["digits_teacher"], train=replace(runs["digits_teacher"].train, steps=weak_steps))
+    teachers = {**{v: "exact" for v in ayf.VARIANTS}, "emd_fm": "fm_teacher", "cm": "exact",
+                "digits": ("digits_teacher", "digits_weak")}
+    per_scale = {"smoke": {"seeds": (0,), "n_map": 300, "step_counts": (1, 2, 4), "teacher_steps": 8,
+                           "guidance_scales": (1.0, 3.0), "image_step_counts": (1,), "n_images": 300},
+                 "book": {}, "full": {"seeds": (0, 1, 2, 3, 4)}}[scale]
+    sizes = {k: v for k, v in _sizes(scale).items() if k != "n_images"}
+    return AlignYourFlowChapter(runs=runs, teachers=teachers, **{**sizes, **per_scale})
+
+
+@dataclass(frozen=True)
+class MeanFlowChapter:
+    """Chapter 6: MeanFlow on the 2-D sets over several seeds, the study of its border-case fraction and
+    adaptive weight, the JVP's cost, and guidance trained in on class-conditional digits."""
+
+    runs: dict = field(default_factory=dict)  # "8gaussians", "checkerboard", image sets: MeanFlow; "fm": FM
+    seeds: tuple = (0, 1, 2)  # training seeds of the 2-D runs
+    n_eval: int = 2000  # samples for W2
+    n_map: int = 2000  # noise points for the flow-map error against the exact map
+    step_counts: tuple = (1, 2, 4)
+    error_grid: int = 5  # the learned jump's error is mapped on the (r, t) grid of spacing 1/error_grid
+    n_grid: int = 300  # points per (r, t) cell of that map
+    n_regression: int = 20_000  # Monte-Carlo pairs of the naive regression of u(z1, 0, 1) on x1 − x0
+    n_identity: int = 64  # points of the identity checks on the mixture (each a JVP through an RK4 solve)
+    rk4_steps: int = 200  # steps of that solve (error ~1e-8; 50 steps: ~3e-6)
+    border_fractions: tuple = (0.0, 0.25, 0.5, 0.75)  # the study's fractions of rows with r = t
+    norm_powers: tuple = (0.0, 0.5, 1.0)  # the study's powers p of the adaptive weight
+    time_laws: tuple = ((0.0, 1.6),)  # the study's wider logit-normal (mean, std) of t and r
+    study_seeds: tuple = (0, 1, 2)
+    study_steps: int = 3000  # training steps of each study run
+    trace_points: int = 10  # points of the study's loss and gradient-norm traces
+    study: str = "run"  # "run": train the study grid here; "results": read it from the committed book run
+    timing_steps: int = 100  # steps timed per method for the JVP's cost
+    image_sets: tuple = ("digits",)  # class-conditional image runs (guidance trained in)
+    image_step_counts: tuple = (1, 2)
+    guidance_ablation: bool = True  # also train the image run without guidance (ω = 1, κ = 0)
+    n_images: int = 1000
+
+
+def meanflow_chapter(scale: str) -> MeanFlowChapter:
+    scale = resolve_scale(scale)
+    sets = {"smoke": (), "book": ("digits",), "full": ("digits", "mnist")}[scale]  # smoke: ≤ 30 s
+    steps = {"smoke": {"steps": 200}, "book": {}, "full": {}}[scale]  # smoke: every code path within 30 s
+    # the checkerboard's runs are shorter at book scale to keep the chapter near its CPU budget
+    checker = {"smoke": steps, "book": {"steps": 2000}, "full": {}}[scale]
+    runs = {"8gaussians": run_preset("meanflow", "8gaussians", scale, **steps),
+            "checkerboard": run_preset("meanflow", "checkerboard", scale, **checker),
+            "fm": run_preset("fm", "8gaussians", scale, **steps),
+            **{name: run_preset("meanflow", name, scale, conditional=True) for name in sets}}
+    per_scale = {
+        "smoke": {"seeds": (0,), "border_fractions": (), "norm_powers": (1.0,), "time_laws": (),
+                  "study_seeds": (0,), "study_steps": 100, "trace_points": 2, "timing_steps": 20,
+                  "n_regression": 4000, "n_identity": 16, "rk4_steps": 50, "error_grid": 2, "n_grid": 50},
+        # the study's 21 runs take longer than the chapter's budget: the book reads the committed run
+        "book": {"study": "results"},
+        "full": {"study_steps": SCALE_TABLE["full"].train_2d.steps},
+    }[scale]
+    return MeanFlowChapter(runs=runs, image_sets=sets, **_sizes(scale), **per_scale)
+
+
 CHAPTERS = {"flow_matching": flow_matching_chapter, "consistency_models": consistency_chapter,
-            "consistency_trajectory_models": consistency_trajectory_chapter, "shortcut_models": shortcut_chapter}
+            "consistency_trajectory_models": consistency_trajectory_chapter, "shortcut_models": shortcut_chapter,
+            "align_your_flow": align_your_flow_chapter, "meanflow": meanflow_chapter}
 
 
 def chapter_preset(chapter: str, scale: str):

@@ -5,11 +5,13 @@ shape; ``load_run`` and ``load_teacher`` read committed runs back.  Run director
 parameters, provenance and metrics, written so a failure never destroys earlier results: a run
 writes into ``<dir>.partial`` and only a successful ``commit()`` moves it to ``<dir>`` (replacing an
 earlier run only when overwriting was asked for).  An interrupted run leaves its ``.partial``
-folder, whose checkpoint ``resume`` continues.
+folder, whose checkpoint ``resume`` continues; a run that fails before writing any checkpoint
+removes it.  With several data-parallel processes only process 0 touches the run directory.
 """
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import inspect
 import json
 import os
@@ -19,16 +21,18 @@ import subprocess
 import sys
 import time
 from importlib import metadata
+from typing import Self
 
 import numpy as np
 
 from .backends import get_backend
 from .backends.architectures import model_shape
 from .data import dataset_info, load
+from .evaluation import evaluate
 from .files import atomic_write
 from .methods import get_method, make_loss
 from .presets import run_preset
-from .teachers import network_teacher, oracle_teacher
+from .teachers import autoguided_teacher, network_teacher, oracle_teacher
 from .train import as_model_input, init_state, train
 
 _PACKAGES = ("numpy", "scipy", "torch", "jax", "jaxlib", "equinox", "optax", "pot", "papermill")
@@ -82,29 +86,65 @@ def provenance(bk=None) -> dict:
 
 
 class RunDir:
-    """A run's output folder, staged in ``<path>.partial`` until ``commit()``."""
+    """A run's output folder, staged in ``<path>.partial`` until ``commit()``.
 
-    def __init__(self, path: str, overwrite: bool = False, resume: bool = False):
+    Used as a context manager, a failure inside the block removes the staging folder unless it holds
+    a checkpoint to resume from.  ``main=False`` (data-parallel processes other than 0) computes the
+    same paths and writes nothing.
+    """
+
+    def __init__(self, path: str, overwrite: bool = False, resume: bool = False, main: bool = True):
         self.path = os.path.abspath(path)
         self.staging = self.path + ".partial"
+        self.main = main
         if os.path.exists(self.path) and not (overwrite or resume):
             raise FileExistsError(f"run directory {self.path} already exists; "
                                   "pass --overwrite to replace it or --resume to continue it")
+        if not main:
+            return
         if not resume and os.path.exists(self.staging):
             shutil.rmtree(self.staging)
         if resume and not os.path.exists(self.staging) and os.path.exists(self.path):
             shutil.copytree(self.path, self.staging)
         os.makedirs(self.staging, exist_ok=True)
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None and self.main and os.path.isdir(self.staging) and not self.has_checkpoint():
+            shutil.rmtree(self.staging)
+
+    def has_checkpoint(self) -> bool:
+        """Whether the staged run holds a checkpoint (of the CLI's run, or of any run of a chapter)."""
+        return os.path.isfile(self.file(CKPT)) or bool(os.listdir(self.file(CHECKPOINTS))
+                                                        if os.path.isdir(self.file(CHECKPOINTS)) else False)
+
     def file(self, name: str) -> str:
         """Path of ``name`` inside the (staged) run."""
         return os.path.join(self.staging, name)
 
     def write_json(self, name: str, obj) -> None:
-        write_json(self.file(name), obj)
+        if self.main:
+            write_json(self.file(name), obj)
+
+    def check_resume(self, record: dict) -> None:
+        """Refuse to resume a staged run recorded with other settings (``IDENTITY`` fields of run.json)."""
+        path = self.file("run.json")
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            saved = json.load(f)
+        for key in IDENTITY:
+            if key in record and to_jsonable(saved.get(key)) != to_jsonable(record[key]):
+                raise ValueError(f"cannot resume {self.path}: it was trained with {key}={saved.get(key)!r}, this "
+                                 f"command asks for {key}={record[key]!r}; resume with the same settings, or start "
+                                 f"a new run (another --out, or --overwrite)")
 
     def commit(self) -> str:
         """Publish the staged run at ``path``; the earlier run there is removed only now."""
+        if not self.main:
+            return self.path
         old = self.path + ".old"
         if os.path.exists(self.path):
             os.replace(self.path, old)
@@ -112,6 +152,11 @@ class RunDir:
         if os.path.exists(old):
             shutil.rmtree(old)
         return self.path
+
+
+# What a resumed run must share with the run it continues (the rest of run.json may change, e.g. provenance).
+IDENTITY = ("method", "variant", "dataset", "scale", "backend", "seed", "conditional", "teacher",
+            "train_overrides", "world_size")
 
 
 def read_run(path: str) -> dict:
@@ -125,23 +170,53 @@ def read_run(path: str) -> dict:
 
 
 CKPT = "checkpoint"
+CHECKPOINTS = "checkpoints"  # a chapter's folder of checkpoints, one per training run
+
+
+def training_data(preset, seed: int):
+    """The training set of a ``RunPreset`` (raises at once for a missing data folder)."""
+    return load(preset.dataset, n=preset.n_train, seed=seed, split="train")
 
 
 def fit(bk, preset, seed: int = 0, ckpt_path: str | None = None, resume: bool = False,
-        progress: bool | None = None, data=None, teacher=None):
+        progress: bool | None = None, data=None, teacher=None, evaluate: bool = True, timing: list | None = None):
     """Build the data, model and loss of a ``RunPreset`` and train it.
 
     ``teacher`` is a velocity field ``(z, t, y) -> v`` for distillation methods (see
-    ``onestep.teachers``).  Returns ``(state, history, data)``; ``data`` is the training set used.
+    ``onestep.teachers``).  With ``evaluate`` and ``preset.train.eval_every`` set, the EMA model is
+    scored every ``eval_every`` steps (``state.evals``); ``timing`` see ``train.train``.  Returns
+    ``(state, history, data)``; ``data`` is the training set used.
     """
     if data is None:
-        data = load(preset.dataset, n=preset.n_train, seed=seed, split="train")
+        data = training_data(preset, seed)
     data = as_model_input(data, preset.model)
     loss_fn = make_loss(bk, preset.method_cfg, preset.train.steps, teacher)
     state = init_state(bk, preset.model, preset.train, seed)
+
+    def score(state):
+        samples, labels = sample_run(bk, state.ema, preset, n=preset.periodic_eval_n, seed=seed,
+                                     steps=preset.eval_steps)
+        return evaluate_samples(preset.dataset, samples, labels, bk.topology.is_main)
+
     state, history = train(bk, loss_fn, state, data, preset.train, seed, ckpt_path=ckpt_path, resume=resume,
-                           progress=progress)
+                           progress=progress, evaluate=score if evaluate else None, timing=timing)
     return state, history, data
+
+
+def throughput(timing: list, batch_size: int, bk) -> dict:
+    """Steps and images per second between the first and the last logged step (so the compilation and
+    warm-up before the first log are left out), and the peak accelerator memory of this process."""
+    out = {"peak_memory_gb": None if bk.peak_memory() is None else bk.peak_memory() / 2**30}
+    if len(timing) >= 2:
+        (s0, t0), (s1, t1) = timing[0], timing[-1]
+        out["steps_per_second"] = (s1 - s0) / (t1 - t0)
+        out["images_per_second"] = out["steps_per_second"] * batch_size
+    return out
+
+
+def evaluate_samples(dataset: str, samples, labels, main: bool = True) -> dict:
+    """The standard metrics (``evaluation.evaluate``), computed on process 0 only (``{}`` elsewhere)."""
+    return evaluate(dataset, samples, labels) if main else {}
 
 
 def sample_run(bk, model, preset, n: int, seed: int, steps: int, solver: str | None = None, noise=None,
@@ -161,6 +236,10 @@ def sample_run(bk, model, preset, n: int, seed: int, steps: int, solver: str | N
         noise = np.asarray(noise)
         if noise.ndim != 1 + len(in_shape) or noise.shape[1:] != in_shape:
             raise ValueError(f"noise has shape {noise.shape}; this run needs (n, {', '.join(map(str, in_shape))})")
+        if noise.dtype.kind != "f" or not np.all(np.isfinite(noise)):
+            bad = "is not a float array" if noise.dtype.kind != "f" else \
+                f"has {int(np.size(noise) - np.isfinite(noise).sum())} NaN or infinite values"
+            raise ValueError(f"noise {bad} (dtype {noise.dtype}); sampling needs finite floats")
         noise = bk.from_numpy(noise)
     labels = None
     n_classes = preset.model.n_classes
@@ -177,9 +256,12 @@ def sample_run(bk, model, preset, n: int, seed: int, steps: int, solver: str | N
             raise ValueError(f"method {preset.method!r} samples by jumps, not with an ODE solver; drop the "
                              f"solver ({solver!r}); solvers apply to fm only")
         options["solver"] = solver
-    y = None if labels is None else bk.from_numpy(labels)
-    out = method.sample(bk, preset.method_cfg, model, noise, steps, k_sample, y=y, **options)
-    return bk.to_numpy(out).reshape((len(noise), *shape)), labels
+    # data-parallel workers each sample a block of the rows (the noise and labels of the whole set
+    # are drawn first, so the samples do not depend on the number of workers for a deterministic sampler)
+    y = None if labels is None else bk.scatter_rows(bk.from_numpy(labels))
+    out = method.sample(bk, preset.method_cfg, model, bk.scatter_rows(noise), steps, bk.local_key(k_sample), y=y,
+                        **options)
+    return bk.gather_rows(out, len(noise)).reshape((len(noise), *shape)), labels
 
 
 def _fields(cfg) -> dict:
@@ -194,7 +276,8 @@ def load_run(path: str, device: str = "auto", backend=None):
     """
     info = read_run(path)
     preset = run_preset(info["method"], info["dataset"], info["scale"], conditional=info["conditional"],
-                        variant=info.get("variant") or None, **info.get("train_overrides", {}))
+                        variant=info.get("variant") or None, autoguided=bool(info.get("weak_teacher")),
+                        **info.get("train_overrides", {}))
     recorded = info["preset"]
     for part in ("model", "method_cfg", "train"):
         saved, now = _fields(recorded[part]), _fields(getattr(preset, part))
@@ -212,20 +295,42 @@ def load_run(path: str, device: str = "auto", backend=None):
     return bk, state.ema, preset, info
 
 
-def load_teacher(bk, spec: str | None, preset, device: str = "auto"):
-    """The teacher named by ``spec``: None (no teacher), ``"exact"``, or the directory of a trained
-    ``fm`` run on the same data set and labels as ``preset``, trained with backend ``bk``."""
-    if spec is None:
-        return None
-    if spec == "exact":
-        return oracle_teacher(bk, preset.dataset)
+def _teacher_run(bk, spec: str, preset, device: str, role: str):
+    """The FM model of the run directory ``spec``, checked against the student's data set, labels and backend."""
     if not os.path.isdir(spec):
-        raise FileNotFoundError(f"teacher run directory {spec} does not exist; train one with "
+        raise FileNotFoundError(f"{role} run directory {spec} does not exist; train one with "
                                 f"python -m onestep train --method fm --dataset {preset.dataset} --out {spec}")
     _, model, teacher_preset, info = load_run(spec, device, backend=bk)
     if info["method"] != "fm":
-        raise ValueError(f"the teacher must be a flow-matching (fm) run; {spec} is a {info['method']!r} run")
+        raise ValueError(f"the {role} must be a flow-matching (fm) run; {spec} is a {info['method']!r} run")
     if info["dataset"] != preset.dataset or bool(teacher_preset.model.n_classes) != bool(preset.model.n_classes):
-        raise ValueError(f"teacher {spec} was trained on {info['dataset']!r} (conditional={info['conditional']}); "
+        raise ValueError(f"{role} {spec} was trained on {info['dataset']!r} (conditional={info['conditional']}); "
                          f"the student needs {preset.dataset!r} (conditional={bool(preset.model.n_classes)})")
     return network_teacher(bk, model)
+
+
+def load_teacher(bk, spec: str | None, preset, device: str = "auto", weak: str | None = None):
+    """The teacher named by ``spec``: None (no teacher), ``"exact"``, or the directory of a trained
+    ``fm`` run on the same data set and labels as ``preset``, trained with backend ``bk``.  ``weak`` names a
+    weaker fm run of the same kind for autoguidance (``teachers.autoguided_teacher``; an autoguided preset
+    needs one, any other refuses it)."""
+    guided = getattr(preset.method_cfg, "guidance", None) is not None
+    if weak is not None and not guided:
+        raise ValueError(f"a weak teacher ({weak}) is for autoguided distillation (--method ayf with "
+                         f"--weak-teacher); this {preset.method!r} preset is not autoguided")
+    if guided and weak is None:
+        raise ValueError("an autoguided preset distils v_weak + λ·(v − v_weak) and needs a weak teacher: pass "
+                         "--weak-teacher RUN_DIR, a flow-matching run weaker than the teacher (fewer steps)")
+    if spec is None:
+        if weak is not None:
+            raise ValueError(f"a weak teacher ({weak}) needs a teacher to guide; pass --teacher too")
+        return None
+    strong = oracle_teacher(bk, preset.dataset) if spec == "exact" else _teacher_run(bk, spec, preset, device,
+                                                                                   "teacher")
+    if weak is None:
+        return strong
+    if spec != "exact" and (os.path.realpath(spec) == os.path.realpath(weak) or filecmp.cmp(
+            os.path.join(spec, CKPT), os.path.join(weak, CKPT), shallow=False)):
+        raise ValueError(f"the weak teacher {weak} is the teacher {spec} itself (same weights); autoguidance "
+                         "needs a weaker checkpoint of it (fewer training steps or a smaller network)")
+    return autoguided_teacher(strong, _teacher_run(bk, weak, preset, device, "weak teacher"))

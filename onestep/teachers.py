@@ -9,6 +9,7 @@ from __future__ import annotations
 from .analytic import GaussianMixture, exact_teacher
 from .data import oracle
 from .methods import fm
+from .paths import expand
 
 
 def network_teacher(bk, model):
@@ -26,3 +27,15 @@ def oracle_teacher(bk, dataset: str):
             f"data set {dataset!r} has no exact velocity a backend can evaluate (exact teachers: "
             f"8gaussians, clusters-k); use a trained flow-matching run as the teacher instead (--teacher RUN_DIR)")
     return exact_teacher(bk, exact)
+
+
+def autoguided_teacher(strong, weak):
+    """Autoguidance (Karras et al. 2024) as a teacher: ``v_weak + λ·(v − v_weak)`` with a weaker
+    ``weak`` field of the same data, λ per row ``(n,)``; without λ it is the ``strong`` field itself."""
+    def field(z, t, y=None, guidance=None):
+        v = strong(z, t, y)
+        if guidance is None:
+            return v
+        v_weak = weak(z, t, y)
+        return v_weak + expand(guidance, z) * (v - v_weak)
+    return field

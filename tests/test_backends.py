@@ -15,7 +15,7 @@ from onestep.methods import fm
 from onestep.ode import integrate
 
 CFG = MLPConfig(data_dim=3, n_cond=2, width=32, depth=3, n_classes=4)
-FM_CFG = MLPConfig(data_dim=3, n_cond=fm.N_COND, width=32, depth=3, n_classes=4)
+FM_CFG = MLPConfig(data_dim=3, n_cond=fm.n_cond(fm.Config()), width=32, depth=3, n_classes=4)
 
 
 @pytest.fixture(scope="module")

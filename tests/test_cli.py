@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -55,6 +56,24 @@ def test_unconditional_dataset_cannot_be_conditional(tmp_path):
 def test_sample_from_a_folder_that_is_not_a_run(tmp_path):
     r = cli("sample", "--run", str(tmp_path), "--out", str(tmp_path / "s.npy"))
     assert r.returncode == 2 and "not a run directory" in r.stderr
+
+
+def test_batch_passes_chapter_parameters(tmp_path, monkeypatch):
+    from onestep import cli as cli_module
+
+    executed = []
+    monkeypatch.setattr("onestep.notebooks.execute", lambda source, params, out, cwd=None: executed.append(params))
+    assert cli_module.main(["batch", "--scale", "smoke", "--chapters", "align_your_flow", "--out", str(tmp_path),
+                            "--param", "study=true", "--param", "note=plain words"]) == 0
+    assert executed[0]["study"] is True and executed[0]["note"] == "plain words"
+    assert executed[0]["scale"] == "smoke"
+
+
+@pytest.mark.parametrize("param, expected", [("study", r"expected KEY=VALUE.*'study'"),
+                                             ("scale=book", r"scale is set by batch's own --scale option")])
+def test_batch_refuses_bad_parameters(param, expected, tmp_path):
+    r = cli("batch", "--chapters", "flow_matching", "--out", str(tmp_path), "--param", param)
+    assert r.returncode != 0 and re.search(expected, r.stderr), r.stderr
 
 
 def test_batch_unknown_chapter(tmp_path):
@@ -146,3 +165,40 @@ def test_distillation_teachers(tmp_path):
 def test_unknown_variant(tmp_path):
     r = cli("train", "--method", "cm", "--variant", "ctx", "--dataset", "8gaussians", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "unknown variant 'ctx'" in r.stderr and "ict, ct, cd, sct, scd" in r.stderr
+
+
+def test_ayf_variants_teachers_and_autoguidance(tmp_path):
+    """AYF trains all three objectives from the exact field and an FM run; autoguidance needs a distinct weak
+    FM run of the same data set and backend, and only AYF takes one."""
+    fm_args = ("train", "--method", "fm", "--dataset", "8gaussians")
+    assert cli(*fm_args, "--steps", "30", "--out", str(tmp_path / "fm")).returncode == 0
+    assert cli(*fm_args, "--steps", "10", "--out", str(tmp_path / "weak")).returncode == 0
+    ayf_args = ("train", "--method", "ayf", "--dataset", "8gaussians", "--steps", "20")
+    for variant in ("emd", "lmd", "emd+lmd"):
+        r = cli(*ayf_args, "--variant", variant, "--teacher", "exact", "--out", str(tmp_path / variant))
+        assert r.returncode == 0, r.stderr
+        assert json.loads((tmp_path / variant / "run.json").read_text())["variant"] == variant
+    r = cli(*ayf_args, "--teacher", str(tmp_path / "fm"), "--out", str(tmp_path / "emd_fm"))
+    assert r.returncode == 0, r.stderr
+
+    guided = (*ayf_args, "--teacher", str(tmp_path / "fm"))
+    r = cli(*guided, "--weak-teacher", str(tmp_path / "weak"), "--out", str(tmp_path / "guided"))
+    assert r.returncode == 0, r.stderr
+    run = json.loads((tmp_path / "guided" / "run.json").read_text())
+    assert run["weak_teacher"] == str(tmp_path / "weak") and run["preset"]["model"]["n_cond"] == 3
+    r = cli("sample", "--run", str(tmp_path / "guided"), "--steps", "2", "--n", "5", "--out", str(tmp_path / "s.npy"))
+    assert r.returncode == 0, r.stderr
+
+    r = cli(*guided, "--weak-teacher", str(tmp_path / "fm"), "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "is the teacher" in r.stderr and "weaker checkpoint" in r.stderr
+    r = cli(*guided, "--weak-teacher", str(tmp_path / "emd"), "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "weak teacher must be a flow-matching (fm) run" in r.stderr
+    r = cli(*guided, "--weak-teacher", str(tmp_path / "weak"), "--backend", "jax", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "trained with the torch backend" in r.stderr
+    r = cli("train", "--method", "cm", "--variant", "cd", "--dataset", "8gaussians", "--teacher", "exact",
+            "--weak-teacher", str(tmp_path / "weak"), "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "method 'cm' has no autoguidance" in r.stderr
+    r = cli("train", "--method", "ayf", "--dataset", "moons", "--teacher", str(tmp_path / "fm"),
+            "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "trained on '8gaussians'" in r.stderr and "'moons'" in r.stderr
+    assert not (tmp_path / "x").exists()

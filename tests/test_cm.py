@@ -20,7 +20,7 @@ from onestep.runs import fit, sample_run
 from onestep.teachers import oracle_teacher
 from onestep.train import run_keys
 
-NET = MLPConfig(data_dim=2, n_cond=cm.N_COND, width=32, depth=2, emb_dim=16, n_classes=3)
+NET = MLPConfig(data_dim=2, n_cond=cm.n_cond(cm.Config()), width=32, depth=2, emb_dim=16, n_classes=3)
 SIGMA_D = 2.0
 
 

@@ -17,7 +17,7 @@ from onestep.teachers import oracle_teacher
 from onestep.train import run_keys
 
 CFG = ctm.Config(sigma_data=2.0, teacher_steps=3)
-NET = MLPConfig(data_dim=2, n_cond=ctm.N_COND, width=32, depth=2, n_classes=4)
+NET = MLPConfig(data_dim=2, n_cond=ctm.n_cond(ctm.Config()), width=32, depth=2, n_classes=4)
 
 
 def jump(bk, model, z, *times):

@@ -28,11 +28,11 @@ def test_every_method_provides_the_protocol(name):
     method = get_method(name)
     assert isinstance(method, Method)
     assert method.VARIANTS and all(isinstance(v, str) for v in method.VARIANTS)
-    assert method.N_COND in (1, 2)
     cfg = method.Config()  # the defaults are a valid config (the paper's values)
+    assert method.n_cond(cfg) in (1, 2)
     assert method_of(cfg) is method
     assert isinstance(method.needs_teacher(cfg), bool)
-    for fn in ("needs_teacher", "draw", "loss_from_draws"):
+    for fn in ("needs_teacher", "n_cond", "draw", "loss_from_draws"):
         assert list(inspect.signature(getattr(method, fn)).parameters) == _protocol_signature(fn), fn
     # a sampler may take options of its own (an ODE solver, CTM's γ) after the protocol's arguments
     sample = list(inspect.signature(method.sample).parameters)

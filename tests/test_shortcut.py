@@ -17,7 +17,7 @@ from onestep.runs import fit
 from onestep.train import run_keys
 
 CFG = shortcut.Config(max_steps=8, bootstrap_every=2, clip=None)  # L = 3 levels
-NET = MLPConfig(data_dim=3, n_cond=shortcut.N_COND, width=32, depth=3, n_classes=4)
+NET = MLPConfig(data_dim=3, n_cond=shortcut.n_cond(shortcut.Config()), width=32, depth=3, n_classes=4)
 
 
 def fixed_draws(bk, cfg, n, seed=3, dim=3):
@@ -26,7 +26,7 @@ def fixed_draws(bk, cfg, n, seed=3, dim=3):
     level = shortcut.draw_levels(cfg, n)
     cells = 2.0**level
     t = (np.floor(rng.uniform(size=n) * cells) + 1) / cells
-    return {"level": bk.from_numpy(level.astype(np.float64)), "t": bk.from_numpy(t),
+    return {"level": bk.from_numpy(level.astype(np.float64)), "bootstrap": level < cfg.levels, "t": bk.from_numpy(t),
             "x1": bk.from_numpy(rng.normal(size=(n, dim))), "drop": bk.from_numpy(rng.uniform(size=n) < 0.3)}
 
 

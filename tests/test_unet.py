@@ -12,7 +12,10 @@ from onestep.backends.architectures import UNetConfig
 
 DIGITS = UNetConfig(channels=1, size=8, n_cond=2, mults=(1, 2), n_classes=10)
 MNIST = UNetConfig(channels=1, size=28, n_cond=2, mults=(1, 2, 2), n_classes=10)
-CONFIGS = pytest.mark.parametrize("cfg", [DIGITS, MNIST], ids=["digits", "mnist"])
+# attention at 4×4 (level 1) and in the middle, two heads of 16 channels
+ATTENTION = UNetConfig(channels=3, size=8, n_cond=2, base=16, mults=(1, 2), n_classes=10, attention=(4,),
+                       head_channels=16)
+CONFIGS = pytest.mark.parametrize("cfg", [DIGITS, MNIST, ATTENTION], ids=["digits", "mnist", "attention"])
 N = 3
 
 
@@ -88,15 +91,27 @@ def test_no_labels_means_the_null_label():
                                       forward(side.bk, side.model, x, cond, null))
 
 
-def test_jvp_agrees_float64():
-    x, cond, y = _inputs(DIGITS)
-    tx, tcond, _ = _inputs(DIGITS, seed=3)
+@pytest.mark.parametrize("cfg", [DIGITS, ATTENTION], ids=["digits", "attention"])
+def test_jvp_agrees_float64(cfg):
+    """Forward-mode AD runs through every layer, attention included, with the same tangents."""
+    x, cond, y = _inputs(cfg)
+    tx, tcond, _ = _inputs(cfg, seed=3)
 
     def run(bk, model, ema):
         return bk.inference(_jvp)(bk, model, *(bk.from_numpy(a) for a in (x, cond, y, tx, tcond)))
 
-    _, tangent = assert_same(pair(DIGITS, 0.1), run)
+    _, tangent = assert_same(pair(cfg, 0.1), run)
     assert np.abs(tangent).max() > 0.1
+
+
+def test_attention_blocks_sit_at_the_chosen_resolutions():
+    (tb, tm, _), _ = (vars(side).values() for side in pair(ATTENTION, 0.0))
+    names = {k.rsplit(".", 1)[0] for k in tb.get_params(tm) if ".attn." in k or k.startswith("mid_attn.")}
+    assert names == {"down.1.attn.qkv", "down.1.attn.proj", "down.1.attn.norm", "up.1.attn.qkv", "up.1.attn.proj",
+                     "up.1.attn.norm", "mid_attn.qkv", "mid_attn.proj", "mid_attn.norm"}
+    assert tm.down[1].attn.heads == 2
+    with pytest.raises(ValueError, match=r"attention resolutions \(16,\) must be among .* \(8, 4\)"):
+        UNetConfig(channels=3, size=8, mults=(1, 2), attention=(16,))
 
 
 def test_size_must_divide_by_downsampling():

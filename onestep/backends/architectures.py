@@ -28,7 +28,9 @@ class MLPConfig:
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """A small U-Net for ``(channels, size, size)`` images with time/label embedding."""
+    """A U-Net for ``(channels, size, size)`` images with time/label embedding: one residual block per
+    level, and self-attention after the blocks of the levels whose resolution is in ``attention``
+    (and in the middle, when any), as the CIFAR-10 U-Nets of DDPM++ and its successors at 16×16."""
 
     channels: int
     size: int
@@ -38,12 +40,32 @@ class UNetConfig:
     emb_dim: int = 128
     n_classes: int = 0
     log_weight_head: bool = False  # sCM's adaptive loss weight w(cond): model.log_weight(cond)
+    attention: tuple[int, ...] = ()  # resolutions (feature-map sizes) with a self-attention block
+    head_channels: int = 64  # channels per attention head
 
     def __post_init__(self):
         factor = 2 ** (len(self.mults) - 1)
         if self.size % factor:
             raise ValueError(f"UNet: image size {self.size} is not divisible by 2**(levels-1) = {factor} "
                              f"(mults={self.mults}); use fewer levels or another size")
+        sizes = self.resolutions()
+        if any(r not in sizes for r in self.attention):
+            raise ValueError(f"UNet: attention resolutions {self.attention} must be among the levels' "
+                             f"resolutions {sizes}")
+        if not (isinstance(self.head_channels, int) and self.head_channels > 0):
+            raise ValueError(f"UNet: head_channels must be a positive integer, got {self.head_channels!r}")
+
+    def resolutions(self) -> tuple[int, ...]:
+        """The feature-map size of each level, from the input's down."""
+        return tuple(self.size // 2**i for i in range(len(self.mults)))
+
+    def attends(self, level: int) -> bool:
+        """Whether U-Net level ``level`` has a self-attention block."""
+        return self.resolutions()[level] in self.attention
+
+    def heads(self, channels: int) -> int:
+        """Attention heads at ``channels`` channels: ``channels // head_channels`` (at least one)."""
+        return max(1, channels // self.head_channels)
 
 
 ModelConfig = MLPConfig | UNetConfig

@@ -23,16 +23,22 @@ Conventions shared by both implementations:
   and calls ``loss_fn(model, target, batch, fold_in(key, state.step), state.step)`` inside
   its compiled region, so a JAX step is one dispatch.  ``target`` is the state's target
   network (``state.target``, or ``state.ema`` when the run keeps no separate one).
+* Data parallelism (see ``distributed``): ``topology`` says how many workers train and which
+  process this is.  ``train_step`` takes the indices of the *global* batch; the loss draws the
+  random numbers of the whole batch and keeps this worker's rows with ``local_rows``, and the
+  backend averages the workers' gradients, so the result does not depend on the number of workers.
+  Methods see none of this, except ``batch_statistic`` for a loss that reads a mean over the batch.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from .architectures import ModelConfig
+from .distributed import Topology
 
 EMADecay = float | Callable[[int], float]  # a constant, or the decay used after each step (CT's μ(k))
 LossFn = Callable[..., tuple[Any, dict]]  # (model, target, batch, key, step) -> (loss, aux)
@@ -51,6 +57,10 @@ class TrainState:
     target_decay: EMADecay | None
     grad_clip: float | None  # global gradient-norm bound (None: no clipping)
     step: int = 0
+    mixed_precision: bool = False  # torch: the loss runs under bf16 autocast, JVPs in float32; JAX: ignored
+    # what the run logged so far, saved with every checkpoint so that a resumed run keeps it:
+    history: list = field(default_factory=list)  # (step, loss) every ``log_every`` steps
+    evals: list = field(default_factory=list)  # {"step": ..., metric: value} of periodic evaluations
 
     @property
     def target_net(self):
@@ -92,11 +102,38 @@ class Backend(Protocol):
 
     # -- training -------------------------------------------------------------
     def init_train_state(self, model: Any, lr: float, ema_decay: EMADecay, target_decay: EMADecay | None = None,
-                         grad_clip: float | None = None) -> TrainState: ...
+                         grad_clip: float | None = None, mixed_precision: bool = False) -> TrainState: ...
     def train_step(self, loss_fn: LossFn, state: TrainState, data: dict, idx: np.ndarray,
                    key: Any) -> tuple[TrainState, Any, dict]: ...
     def save(self, state: TrainState, path: str) -> None: ...
     def load(self, state: TrainState, path: str) -> TrainState: ...
+
+    # -- data parallelism (``distributed``) -------------------------------------
+    topology: Topology  # world size, this process's rank, the devices
+
+    def local_rows(self, tree: dict, n: int) -> dict:
+        """This worker's rows of every per-row array of a global batch of ``n`` rows (JAX: all of them)."""
+
+    def batch_statistic(self, x: Any) -> Any:
+        """A mean over this worker's rows -> the same mean over the global batch, under stop-gradient."""
+
+    def local_key(self, key: Any) -> Any:
+        """The key of this worker's own draws when sampling its block of rows (``scatter_rows``)."""
+
+    def scatter_rows(self, x: Any) -> Any:
+        """Rows ``(n, ...)`` -> what this worker samples or evaluates (padded to a multiple of the workers)."""
+
+    def gather_rows(self, x: Any, n: int) -> np.ndarray:
+        """Inverse of ``scatter_rows``: the first ``n`` rows of the whole array, on every process."""
+
+    def any_process(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any process (every process must call it)."""
+
+    def barrier(self) -> None:
+        """Wait until every process gets here."""
+
+    def peak_memory(self) -> int | None:
+        """Peak bytes allocated on this process's (first) accelerator so far; None on a CPU."""
 
 
 class CompileCache:

@@ -1,10 +1,10 @@
 """One module per method; each writes its math once against the Backend protocol.
 
 Every method module is a :class:`Method`: a ``Config`` dataclass (defaults are the paper's values;
-it validates itself), its ``VARIANTS`` (the first is the default), ``N_COND`` (how many times its
-network sees), whether a config ``needs_teacher``, ``draw`` (all randomness and every value that
-depends on the training step), ``loss_from_draws`` (all math, pure, so parity tests can feed both
-backends the same draws) and ``sample`` (which takes a random key).  ``make_loss`` assembles the
+it validates itself), its ``VARIANTS`` (the first is the default), whether a config
+``needs_teacher``, ``n_cond`` (how many scalars its network sees: times, and a guidance scale where
+it takes one), ``draw`` (all randomness and every value that depends on the training step),
+``loss_from_draws`` (all math, pure, so parity tests can feed both backends the same draws) and ``sample`` (which takes a random key).  ``make_loss`` assembles the
 training loss of any method from its config; ``tests/test_methods.py`` checks every registered
 method against the protocol.  Shared flow-map primitives live in ``flowmap``; methods never import
 each other.
@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-METHODS = ("fm", "cm", "ctm", "shortcut")
+METHODS = ("fm", "cm", "ctm", "shortcut", "ayf", "meanflow")
 
 # A teacher is a velocity field ``(z, t, y) -> v`` on backend arrays (``onestep.teachers``).
 Teacher = Callable[[Any, Any, Any], Any]
@@ -31,10 +31,11 @@ class Method(Protocol):
 
     Config: type
     VARIANTS: tuple[str, ...]
-    N_COND: int
-
     @staticmethod
     def needs_teacher(cfg) -> bool: ...
+
+    @staticmethod
+    def n_cond(cfg) -> int: ...
 
     @staticmethod
     def draw(bk, cfg, key, batch: dict, step, total_steps: int) -> dict: ...
@@ -93,6 +94,8 @@ def make_loss(bk, cfg, total_steps: int, teacher: Teacher | None = None):
         raise ValueError(f"total_steps must be a positive integer (the run's length), got {total_steps!r}")
 
     def loss_fn(model, target, batch, key, step):
+        # the draws of the whole (global) batch, then this data-parallel worker's rows of both
         draws = method.draw(bk, cfg, key, batch, step, total_steps)
-        return method.loss_from_draws(bk, cfg, model, target, batch, draws, teacher)
+        rows = bk.local_rows({"batch": batch, "draws": draws}, batch["x"].shape[0])
+        return method.loss_from_draws(bk, cfg, model, target, rows["batch"], rows["draws"], teacher)
     return loss_fn

@@ -58,7 +58,6 @@ from ..times import karras_sigmas
 from .flowmap import check_steps, condition_labels, label_dropout, per_row
 
 VARIANTS = ("ict", "ct", "cd", "sct", "scd")
-N_COND = 1
 CURRICULA = ("doubling", "adaptive", "fixed")
 DISTANCES = ("l2", "pseudo_huber")
 WEIGHTINGS = ("uniform", "inv_dsigma", "adaptive")  # adaptive: sCM's learned e^{w(τ)}·L − w(τ)
@@ -179,6 +178,11 @@ def variant_config(variant: str, **deviations) -> Config:
 
 def needs_teacher(cfg: Config) -> bool:
     return cfg.variant in ("cd", "scd")
+
+
+def n_cond(cfg: Config) -> int:
+    """How many scalars the network sees: one time, t."""
+    return 1
 
 
 def consistency(bk, model, cfg: Config, z, t, y=None):

@@ -50,7 +50,6 @@ from ..paths import LINEAR, expand
 from .flowmap import condition_labels, jump, label_dropout, sample_jumps, uniform_times
 
 VARIANTS = ("ctm",)
-N_COND = 2  # the network sees the start time t and the end time r
 BALANCES = ("adaptive", "fixed")
 
 
@@ -85,6 +84,11 @@ def check_gamma(gamma: float) -> float:
 
 def needs_teacher(cfg: Config) -> bool:
     return True
+
+
+def n_cond(cfg: Config) -> int:
+    """How many scalars the network sees: the start time t and the end time r."""
+    return 2
 
 
 # -- the jump -------------------------------------------------------------------------------
@@ -143,8 +147,8 @@ def loss_from_draws(bk, cfg: Config, model, target, batch: dict, draws: dict, te
     velocity = average_velocity(bk, model, cfg, LINEAR.sample(xp, x0, noise, tau), tau, tau, y)
     dsm = xp.mean((velocity - LINEAR.velocity(xp, x0, noise, tau)) ** 2)
     weight = cfg.dsm_weight
-    if cfg.dsm_balance == "adaptive":
-        weight = weight * bk.stop_gradient(xp.sqrt(ctm / (dsm + 1e-12)))
+    if cfg.dsm_balance == "adaptive":  # a ratio of batch means: the global batch's, on any number of workers
+        weight = weight * xp.sqrt(bk.batch_statistic(ctm) / (bk.batch_statistic(dsm) + 1e-12))
     return ctm + weight * dsm, {"ctm": ctm, "dsm": dsm, "dsm_weight": weight * xp.ones_like(ctm)}
 
 

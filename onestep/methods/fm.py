@@ -19,7 +19,6 @@ from ..times import TIME_SAMPLERS, sample_times
 from .flowmap import condition_labels, label_dropout, per_row
 
 VARIANTS = ("fm",)
-N_COND = 1  # the network sees one time
 
 
 @dataclass(frozen=True)
@@ -40,6 +39,11 @@ class Config:
 
 def needs_teacher(cfg: Config) -> bool:
     return False
+
+
+def n_cond(cfg: Config) -> int:
+    """How many scalars the network sees: one time, t."""
+    return 1
 
 
 def draw(bk, cfg: Config, key, batch: dict, step, total_steps: int) -> dict:

@@ -34,7 +34,6 @@ from ..paths import LINEAR, expand
 from .flowmap import condition_labels, label_dropout, sample_jumps, uniform_times
 
 VARIANTS = ("shortcut",)
-N_COND = 2  # the network sees t and the step size
 
 
 @dataclass(frozen=True)
@@ -64,6 +63,11 @@ class Config:
 
 def needs_teacher(cfg: Config) -> bool:
     return False
+
+
+def n_cond(cfg: Config) -> int:
+    """How many scalars the network sees: the time t and the step size."""
+    return 2
 
 
 def level_of_steps(cfg: Config, steps: int) -> int:
@@ -119,21 +123,30 @@ def draw(bk, cfg: Config, key, batch: dict, step, total_steps: int) -> dict:
     x0 = batch["x"]
     n = x0.shape[0]
     k_t, k_x, k_y = bk.split(key, 3)
-    level = bk.from_numpy(draw_levels(cfg, n).astype(np.float64))
+    levels = draw_levels(cfg, n)
+    level = bk.from_numpy(levels.astype(np.float64))
     cells = 2.0**level
-    draws = {"level": level, "t": (bk.xp.floor(bk.uniform(k_t, (n,)) * cells) + 1) / cells,
+    # ``bootstrap`` (numpy, static) marks the bootstrap rows, a prefix of the batch and of any
+    # data-parallel worker's rows, so the loss finds their number without reading a device array
+    draws = {"level": level, "bootstrap": levels < cfg.levels,
+             "t": (bk.xp.floor(bk.uniform(k_t, (n,)) * cells) + 1) / cells,
              "x1": bk.normal(k_x, tuple(x0.shape))}
     return {**draws, **label_dropout(bk, k_y, batch, cfg.label_dropout)}
 
 
+def bootstrap_rows(draws: dict) -> int:
+    """How many rows (a prefix) get bootstrap targets."""
+    return int(np.count_nonzero(draws["bootstrap"]))
+
+
 def targets(bk, cfg: Config, net, batch: dict, draws: dict):
-    """``(z_t, y, target)``: bootstrap targets from ``net`` (under stop-gradient) on the first
-    ``n // bootstrap_every`` rows, ``x1 − x0`` on the rest."""
+    """``(z_t, y, target)``: bootstrap targets from ``net`` (under stop-gradient) on the rows
+    ``draws["bootstrap"]`` marks (the first ``n // bootstrap_every``), ``x1 − x0`` on the rest."""
     x0, x1, t, level = batch["x"], draws["x1"], draws["t"], draws["level"]
     y = condition_labels(bk, net, batch.get("y"), draws.get("drop"))
     z = LINEAR.sample(bk.xp, x0, x1, t)
     target = LINEAR.velocity(bk.xp, x0, x1, t)
-    n_boot = x0.shape[0] // cfg.bootstrap_every
+    n_boot = bootstrap_rows(draws)
     if n_boot:
         boot = bootstrap_target(bk, net, cfg, z[:n_boot], t[:n_boot], level[:n_boot],
                                 None if y is None else y[:n_boot])
@@ -145,7 +158,7 @@ def loss_from_draws(bk, cfg: Config, model, target, batch: dict, draws: dict, te
     """Mean squared error of ``s_θ(z_t, t, d)`` to the targets (mean over rows and dimensions)."""
     z, y, goal = targets(bk, cfg, target if cfg.ema_target else model, batch, draws)
     err = shortcut(bk, model, cfg, z, draws["t"], draws["level"], y) - goal
-    n_boot = z.shape[0] // cfg.bootstrap_every
+    n_boot = bootstrap_rows(draws)
     sq = bk.xp.mean((err**2).reshape((z.shape[0], -1)), axis=1)
     loss = bk.xp.mean(sq)
     return loss, {"fm_mse": bk.xp.mean(sq[n_boot:]),

@@ -109,19 +109,48 @@ class ResBlock(eqx.Module):
         return h + (x if self.skip is None else self.skip(x))
 
 
+class Attention(eqx.Module):
+    """Residual self-attention over the pixels: GroupNorm, a 1×1 conv to queries, keys and values,
+    ``softmax(q·k/√d)`` per head, a 1×1 output conv that starts at zero (the torch U-Net's
+    ``Attention``, same parameters; the channel order of the qkv conv is (3, heads, d))."""
+
+    norm: GroupNorm
+    qkv: Conv
+    proj: Conv
+    heads: int = eqx.field(static=True)
+
+    def __init__(self, ch: int, heads: int, rng, dtype):
+        self.norm = GroupNorm(ch, dtype)
+        self.qkv = Conv(ch, 3 * ch, 1, rng, dtype)
+        self.proj = Conv(ch, ch, 1, rng, dtype, zero=True)
+        self.heads = heads
+
+    def __call__(self, x):
+        n, h, w, c = x.shape
+        d = c // self.heads
+        qkv = self.qkv(self.norm(x)).reshape(n, h * w, 3, self.heads, d)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        weights = jax.nn.softmax(jnp.einsum("nihd,njhd->nhij", q, k) / math.sqrt(d), axis=-1)
+        return x + self.proj(jnp.einsum("nhij,njhd->nihd", weights, v).reshape(n, h, w, c))
+
+
 class Down(eqx.Module):
-    """One level of the down path: a residual block, then 2×2 average pooling unless deepest."""
+    """One level of the down path: a residual block (and attention), then 2×2 average pooling unless deepest."""
 
     block: ResBlock
+    attn: Attention | None
     pool: bool = eqx.field(static=True)
 
-    def __init__(self, c_in: int, c_out: int, emb_dim: int, pool: bool, rng, dtype):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, pool: bool, rng, dtype, heads: int = 0):
         self.block = ResBlock(c_in, c_out, emb_dim, rng, dtype)
+        self.attn = Attention(c_out, heads, rng, dtype) if heads else None
         self.pool = pool
 
     def __call__(self, x, emb):
         """Return ``(skip, h)``: the block's output and its (pooled) continuation."""
         skip = self.block(x, emb)
+        if self.attn is not None:
+            skip = self.attn(skip)
         if not self.pool:
             return skip, skip
         n, h, w, c = skip.shape
@@ -129,19 +158,22 @@ class Down(eqx.Module):
 
 
 class Up(eqx.Module):
-    """One level of the up path: nearest ×2 upsampling unless deepest, concat skip, residual block."""
+    """One level of the up path: nearest ×2 upsampling unless deepest, concat skip, residual block (and attention)."""
 
     block: ResBlock
+    attn: Attention | None
     upsample: bool = eqx.field(static=True)
 
-    def __init__(self, c_in: int, c_out: int, emb_dim: int, upsample: bool, rng, dtype):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, upsample: bool, rng, dtype, heads: int = 0):
         self.block = ResBlock(c_in + c_out, c_out, emb_dim, rng, dtype)
+        self.attn = Attention(c_out, heads, rng, dtype) if heads else None
         self.upsample = upsample
 
     def __call__(self, x, skip, emb):
         if self.upsample:
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return self.block(jnp.concatenate([x, skip], axis=-1), emb)
+        h = self.block(jnp.concatenate([x, skip], axis=-1), emb)
+        return h if self.attn is None else self.attn(h)
 
 
 class UNet(eqx.Module):
@@ -153,6 +185,7 @@ class UNet(eqx.Module):
     conv_in: Conv
     down: list
     mid: ResBlock
+    mid_attn: Attention | None
     up: list
     norm_out: GroupNorm
     conv_out: Conv
@@ -169,11 +202,12 @@ class UNet(eqx.Module):
         self.label_emb = (eqx.nn.Embedding(weight=_param(rng.normal(size=(cfg.n_classes + 1, cfg.emb_dim)), dtype))
                           if cfg.n_classes else None)  # last row: "no label"
         self.conv_in = Conv(cfg.channels, cfg.base, 3, rng, dtype)
-        self.down = [Down(c_in, c, cfg.emb_dim, i < last, rng, dtype)
+        self.down = [Down(c_in, c, cfg.emb_dim, i < last, rng, dtype, heads=cfg.attends(i) and cfg.heads(c))
                      for i, (c_in, c) in enumerate(zip([cfg.base] + chs[:-1], chs))]
         self.mid = ResBlock(chs[-1], chs[-1], cfg.emb_dim, rng, dtype)
+        self.mid_attn = Attention(chs[-1], cfg.heads(chs[-1]), rng, dtype) if cfg.attention else None
         # up[i] mirrors down[i]; it takes the output of up[i + 1] (or of mid when deepest).
-        self.up = [Up(c_in, c, cfg.emb_dim, i < last, rng, dtype)
+        self.up = [Up(c_in, c, cfg.emb_dim, i < last, rng, dtype, heads=cfg.attends(i) and cfg.heads(c))
                    for i, (c_in, c) in enumerate(zip(chs[1:] + chs[-1:], chs))]
         self.norm_out = GroupNorm(cfg.base, dtype)
         self.conv_out = Conv(cfg.base, cfg.channels, 3, rng, dtype, zero=True)
@@ -192,5 +226,10 @@ class UNet(eqx.Module):
                 y = jnp.full((x.shape[0],), self.cfg.n_classes, dtype=jnp.int32)
             emb = emb + self.label_emb.weight[y]
         h = self.conv_in(jnp.transpose(x, (0, 2, 3, 1)))
-        h = unet_levels(h, emb, self.down, self.mid, self.up)
+        h = unet_levels(h, emb, self.down, self.middle, self.up)
         return jnp.transpose(self.conv_out(jax.nn.silu(self.norm_out(h))), (0, 3, 1, 2))
+
+    def middle(self, h, emb):
+        """The deepest block, then attention when the network has any."""
+        h = self.mid(h, emb)
+        return h if self.mid_attn is None else self.mid_attn(h)

@@ -5,6 +5,8 @@ Its ``state_dict`` keys and shapes (``down.{i}.block.conv1.weight``, ``emb_in.we
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -32,32 +34,60 @@ class ResBlock(nn.Module):
         return h + self.skip(x)
 
 
-class Down(nn.Module):
-    """One level of the down path: a residual block, then 2×2 average pooling unless deepest."""
+class Attention(nn.Module):
+    """Residual self-attention over the pixels: GroupNorm, a 1×1 conv to queries, keys and values,
+    ``softmax(q·k/√d)`` per head, a 1×1 output conv that starts at zero.  Written with einsum and
+    softmax: the fused kernels of ``F.scaled_dot_product_attention`` have no forward-mode AD, which
+    ``bk.jvp`` needs."""
 
-    def __init__(self, c_in: int, c_out: int, emb_dim: int, pool: bool):
+    def __init__(self, ch: int, heads: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(group_count(ch), ch, eps=1e-5)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.heads = heads
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        d = c // self.heads
+        q, k, v = self.qkv(self.norm(x)).reshape(n, 3, self.heads, d, h * w).unbind(1)
+        weights = torch.softmax(torch.einsum("nhdi,nhdj->nhij", q, k) / math.sqrt(d), dim=-1)
+        return x + self.proj(torch.einsum("nhij,nhdj->nhdi", weights, v).reshape(n, c, h, w))
+
+
+class Down(nn.Module):
+    """One level of the down path: a residual block (and attention), then 2×2 average pooling unless deepest."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, pool: bool, heads: int = 0):
         super().__init__()
         self.block = ResBlock(c_in, c_out, emb_dim)
+        self.attn = Attention(c_out, heads) if heads else None
         self.pool = pool
 
     def forward(self, x, emb):
         """Return ``(skip, h)``: the block's output and its (pooled) continuation."""
         skip = self.block(x, emb)
+        if self.attn is not None:
+            skip = self.attn(skip)
         return skip, (F.avg_pool2d(skip, 2) if self.pool else skip)
 
 
 class Up(nn.Module):
-    """One level of the up path: nearest ×2 upsampling unless deepest, concat skip, residual block."""
+    """One level of the up path: nearest ×2 upsampling unless deepest, concat skip, residual block (and attention)."""
 
-    def __init__(self, c_in: int, c_out: int, emb_dim: int, upsample: bool):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, upsample: bool, heads: int = 0):
         super().__init__()
         self.block = ResBlock(c_in + c_out, c_out, emb_dim)
+        self.attn = Attention(c_out, heads) if heads else None
         self.upsample = upsample
 
     def forward(self, x, skip, emb):
         if self.upsample:
             x = F.interpolate(x, scale_factor=2, mode="nearest")
-        return self.block(torch.cat([x, skip], dim=1), emb)
+        h = self.block(torch.cat([x, skip], dim=1), emb)
+        return h if self.attn is None else self.attn(h)
 
 
 class UNet(nn.Module):
@@ -74,11 +104,12 @@ class UNet(nn.Module):
         if cfg.n_classes:
             self.label_emb = nn.Embedding(cfg.n_classes + 1, cfg.emb_dim)  # last row: "no label"
         self.conv_in = nn.Conv2d(cfg.channels, cfg.base, 3, padding=1)
-        self.down = nn.ModuleList(Down(c_in, c, cfg.emb_dim, pool=i < last)
+        self.down = nn.ModuleList(Down(c_in, c, cfg.emb_dim, pool=i < last, heads=cfg.attends(i) and cfg.heads(c))
                                   for i, (c_in, c) in enumerate(zip([cfg.base] + chs[:-1], chs)))
         self.mid = ResBlock(chs[-1], chs[-1], cfg.emb_dim)
+        self.mid_attn = Attention(chs[-1], cfg.heads(chs[-1])) if cfg.attention else None
         # up[i] mirrors down[i]; it takes the output of up[i + 1] (or of mid when deepest).
-        self.up = nn.ModuleList(Up(c_in, c, cfg.emb_dim, upsample=i < last)
+        self.up = nn.ModuleList(Up(c_in, c, cfg.emb_dim, upsample=i < last, heads=cfg.attends(i) and cfg.heads(c))
                                 for i, (c_in, c) in enumerate(zip(chs[1:] + chs[-1:], chs)))
         self.norm_out = nn.GroupNorm(group_count(cfg.base), cfg.base, eps=1e-5)
         self.conv_out = nn.Conv2d(cfg.base, cfg.channels, 3, padding=1)
@@ -98,5 +129,10 @@ class UNet(nn.Module):
                 y = torch.full((x.shape[0],), self.cfg.n_classes, device=x.device, dtype=torch.long)
             emb = emb + self.label_emb(y)
         h = self.conv_in(x)
-        h = unet_levels(h, emb, self.down, self.mid, self.up)
+        h = unet_levels(h, emb, self.down, self.middle, self.up)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def middle(self, h, emb):
+        """The deepest block, then attention when the network has any."""
+        h = self.mid(h, emb)
+        return h if self.mid_attn is None else self.mid_attn(h)
