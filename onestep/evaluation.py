@@ -133,3 +133,15 @@ def over_seeds(per_seed: dict, keys, fmt: str = "{:.3f}") -> dict:
         text = fmt.format(v.mean()) + (f" ± {fmt.format(std)}" if len(v) > 1 else "")
         out[key] = {"mean": float(v.mean()), "std": std, "values": values, "text": text}
     return out
+
+
+def sampling_over_seeds(per_seed: dict, keys=("fd", "class_accuracy")) -> list[dict]:
+    """One row per sampler setting of image sampling tables over training seeds: ``per_seed[seed]`` is one
+    seed's list of rows (``{"steps", <keys>...}``, the same settings in the same order in every seed);
+    each row gives ``steps``, the ``mean ± std`` text of every key and its ``over_seeds`` ``stats``."""
+    first = next(iter(per_seed.values()))
+    rows = []
+    for k, row in enumerate(first):
+        stats = over_seeds({s: table[k] for s, table in per_seed.items()}, keys)
+        rows.append({"steps": row["steps"], **{key: stats[key]["text"] for key in keys}, "stats": stats})
+    return rows
