@@ -135,6 +135,13 @@ def over_seeds(per_seed: dict, keys, fmt: str = "{:.3f}") -> dict:
     return out
 
 
+def perfect_over_seeds(perfect: dict, keys) -> dict:
+    """``over_seeds`` of a perfect sampler's mean scores, ``perfect[seed]`` being one seed's
+    ``perfect_sampler_score``: the row to set against models over the same seeds, since every seed
+    scores against its own reference draw."""
+    return over_seeds({s: {k: p[k]["mean"] for k in keys} for s, p in perfect.items()}, keys)
+
+
 def sampling_over_seeds(per_seed: dict, keys=("fd", "class_accuracy")) -> list[dict]:
     """One row per sampler setting of image sampling tables over training seeds: ``per_seed[seed]`` is one
     seed's list of rows (``{"steps", <keys>...}``, the same settings in the same order in every seed);
