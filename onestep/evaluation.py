@@ -147,6 +147,11 @@ def sampling_over_seeds(per_seed: dict, keys=("fd", "class_accuracy")) -> list[d
     seed's list of rows (``{"steps", <keys>...}``, the same settings in the same order in every seed);
     each row gives ``steps``, the ``mean ± std`` text of every key and its ``over_seeds`` ``stats``."""
     first = next(iter(per_seed.values()))
+    settings = [row["steps"] for row in first]
+    for seed, table in per_seed.items():
+        if [row["steps"] for row in table] != settings:
+            raise ValueError(f"seed {seed}'s table has steps {[row['steps'] for row in table]}; "
+                             f"every seed needs the same {settings}")
     rows = []
     for k, row in enumerate(first):
         stats = over_seeds({s: table[k] for s, table in per_seed.items()}, keys)

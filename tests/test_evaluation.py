@@ -14,8 +14,10 @@ from onestep.evaluation import (
     evaluate,
     mode_spread,
     over_seeds,
+    perfect_over_seeds,
     perfect_sampler_score,
     reference,
+    sampling_over_seeds,
     seed_command,
     seed_run_dir,
 )
@@ -80,3 +82,21 @@ def test_over_seeds_and_committed_runs(tmp_path):
     command = seed_command("flow_matching", "torch", "book", (0, 1, 2))
     assert "--seed $s" in command and "--out results/seeds/seed$s" in command and command.startswith("for s in 0 1 2")
     assert seed_run_dir("flow_matching", "torch", "book", 1).parts[-3:] == ("seeds", "seed1", "flow_matching-torch-book")
+
+
+def test_perfect_sampler_and_sampling_tables_over_seeds():
+    # a perfect sampler over seeds: the spread of its per-seed means, not of the draws within one seed
+    perfect = {0: {"w2": {"mean": 0.2, "std": 0.01}, "fd": {"mean": 9.0, "std": 1.0}},
+               1: {"w2": {"mean": 0.3, "std": 0.05}, "fd": {"mean": 9.0, "std": 1.0}}}
+    stats = perfect_over_seeds(perfect, ["w2"])
+    assert set(stats) == {"w2"} and stats["w2"]["mean"] == pytest.approx(0.25)
+    assert stats["w2"]["std"] == pytest.approx(np.std([0.2, 0.3], ddof=1)) and stats["w2"]["values"] == {0: 0.2, 1: 0.3}
+    # image tables: row k of every seed is the same sampler setting
+    tables = {s: [{"steps": 1, "fd": 5.0 + s, "class_accuracy": 0.9}, {"steps": 4, "fd": 3.0, "class_accuracy": 0.9 + s / 100}]
+              for s in (0, 1, 2)}
+    rows = sampling_over_seeds(tables)
+    assert [r["steps"] for r in rows] == [1, 4]
+    assert rows[0]["fd"] == "6.000 ± 1.000" and rows[1]["fd"] == "3.000 ± 0.000"
+    assert rows[1]["stats"]["class_accuracy"]["values"] == {0: 0.9, 1: 0.91, 2: 0.92}
+    with pytest.raises(ValueError, match=r"seed 1's table has steps \[1\]; every seed needs the same \[1, 4\]"):
+        sampling_over_seeds({0: tables[0], 1: tables[1][:1]})
