@@ -5,8 +5,13 @@ log-likelihood and mode coverage; for the checkerboard, the fraction in support)
 Images: Fréchet distance in the features of the data set's reference classifier and,
 for class-conditional samples, the classifier's accuracy on the intended labels; CIFAR-10
 (no reference classifier): FID against the Inception statistics of its training set.
+``perfect_sampler_score`` scores real data the same way (what a perfect sampler gets at that n);
+``over_seeds`` and ``committed_seeds`` gather a chapter's numbers over training seeds.
 """
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -25,11 +30,42 @@ def reference(dataset: str, n: int, seed: int = 0):
     return load(dataset, split="test").x[:n].astype(np.float64)
 
 
-def data_floor(dataset: str, n: int, seed: int = 0) -> dict:
-    """W2 and MMD between two independent data samples of size n: the best a model can score."""
-    a = reference(dataset, n, seed)
-    b = load(dataset, n=n, seed=2 * _REFERENCE_SEED + seed).x.astype(np.float64)
-    return {"w2": metrics.w2(a, b), "mmd": metrics.mmd(a, b)}
+def mode_spread(x, gmm) -> float:
+    """Sharpness of samples ``x`` ``(n, d)`` of an isotropic mixture: the RMS distance of each sample to
+    its nearest component mean, per dimension, in units of that component's std.  About 1 for exact
+    samples of well-separated components; above 1 for blurred modes or mass between them; below 1 for
+    modes drawn too tight."""
+    x = np.asarray(x, dtype=np.float64)
+    dist2 = ((x[:, None, :] - gmm.means[None]) ** 2).sum(-1)  # (n, k)
+    nearest = dist2.argmin(axis=1)
+    scaled = dist2[np.arange(len(x)), nearest] / gmm.stds[nearest] ** 2
+    return float(np.sqrt(scaled.mean() / x.shape[1]))
+
+
+def perfect_sampler_score(dataset: str, n: int, seed: int = 0, draws: int = 5, score=None) -> dict:
+    """What a perfect sampler scores: ``draws`` independent sets of ``n`` real data points, each scored
+    exactly as ``n`` model samples are: by ``score(x, labels) -> {metric: value}`` when given (pass the
+    function the models are scored with), else by ``evaluate`` (same reference, same size).
+
+    Not a lower bound: a finite sample of the data sits at some distance from the finite reference,
+    and a model's score can fall below the mean of these draws by chance (or by drawing its modes too
+    tight).  2-D sets draw fresh points from the data distribution; image sets draw ``n`` training
+    images (the reference is the test split) with their labels.  Returns
+    ``{metric: {"mean", "std", "values"}}`` over the draws (std with ``ddof=1``)."""
+    if not (isinstance(draws, int) and draws >= 2):
+        raise ValueError(f"draws must be an integer ≥ 2 (a spread needs two draws), got {draws!r}")
+    if score is None:
+        def score(x, labels):
+            return evaluate(dataset, x, labels, seed=seed)
+    scores = []
+    for k in range(draws):
+        data = load(dataset, n=n, seed=2 * _REFERENCE_SEED + 97 * seed + k, split="train")
+        scores.append(score(data.x, data.y))
+    out = {}
+    for key in scores[0]:
+        values = [float(s[key]) for s in scores]
+        out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)), "values": values}
+    return out
 
 
 def evaluate(dataset: str, samples, labels=None, seed: int = 0) -> dict:
@@ -46,6 +82,7 @@ def evaluate(dataset: str, samples, labels=None, seed: int = 0) -> dict:
             out["log_likelihood"] = metrics.gmm_log_likelihood(x, exact)
             out.update({f"modes_{k}": v for k, v in metrics.mode_coverage(x, exact).items()
                         if np.isscalar(v)})
+            out["mode_spread"] = mode_spread(x, exact)
         if dataset == "checkerboard":
             out["in_support"] = metrics.checkerboard_support(x)
         return out
@@ -56,3 +93,67 @@ def evaluate(dataset: str, samples, labels=None, seed: int = 0) -> dict:
     if labels is not None:
         out["class_accuracy"] = metrics.class_accuracy(x, np.asarray(labels), dataset)
     return out
+
+
+# -- training seeds ----------------------------------------------------------------------------
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+def seed_run_dir(chapter: str, backend: str, scale: str, seed: int, root: Path = RESULTS) -> Path:
+    """Where ``seed_command`` leaves a chapter's run for one training seed:
+    ``results/seeds/seed{seed}/{chapter}-{backend}-{scale}``."""
+    return Path(root) / "seeds" / f"seed{seed}" / f"{chapter}-{backend}-{scale}"
+
+
+def seed_command(chapter: str, backend: str, scale: str, seeds) -> str:
+    """The shell command that runs ``chapter`` once per training seed into ``seed_run_dir``."""
+    return (f"for s in {' '.join(map(str, seeds))}; do python -m onestep batch --scale {scale} --backend {backend} "
+            f"--chapters {chapter} --seed $s --out results/seeds/seed$s --overwrite; done")
+
+
+def committed_seeds(chapter: str, backend: str, scale: str, seeds, root: Path = RESULTS) -> dict:
+    """``{seed: metrics}`` of the committed per-seed runs of ``chapter`` that exist (see ``seed_run_dir``)."""
+    out = {}
+    for seed in seeds:
+        path = seed_run_dir(chapter, backend, scale, seed, root) / "metrics.json"
+        if path.is_file():
+            out[seed] = json.loads(path.read_text())
+    return out
+
+
+def over_seeds(per_seed: dict, keys, fmt: str = "{:.3f}") -> dict:
+    """Mean and spread over training seeds of the numbers ``per_seed[seed][key]`` for each of ``keys``:
+    ``{key: {"mean", "std", "values": {seed: value}, "text": "mean ± std"}}`` (std with ddof=1; a single
+    seed has no spread and shows only its value)."""
+    out = {}
+    for key in keys:
+        values = {seed: float(row[key]) for seed, row in sorted(per_seed.items())}
+        v = np.array(list(values.values()))
+        std = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+        text = fmt.format(v.mean()) + (f" ± {fmt.format(std)}" if len(v) > 1 else "")
+        out[key] = {"mean": float(v.mean()), "std": std, "values": values, "text": text}
+    return out
+
+
+def perfect_over_seeds(perfect: dict, keys) -> dict:
+    """``over_seeds`` of a perfect sampler's mean scores, ``perfect[seed]`` being one seed's
+    ``perfect_sampler_score``: the row to set against models over the same seeds, since every seed
+    scores against its own reference draw."""
+    return over_seeds({s: {k: p[k]["mean"] for k in keys} for s, p in perfect.items()}, keys)
+
+
+def sampling_over_seeds(per_seed: dict, keys=("fd", "class_accuracy")) -> list[dict]:
+    """One row per sampler setting of image sampling tables over training seeds: ``per_seed[seed]`` is one
+    seed's list of rows (``{"steps", <keys>...}``, the same settings in the same order in every seed);
+    each row gives ``steps``, the ``mean ± std`` text of every key and its ``over_seeds`` ``stats``."""
+    first = next(iter(per_seed.values()))
+    settings = [row["steps"] for row in first]
+    for seed, table in per_seed.items():
+        if [row["steps"] for row in table] != settings:
+            raise ValueError(f"seed {seed}'s table has steps {[row['steps'] for row in table]}; "
+                             f"every seed needs the same {settings}")
+    rows = []
+    for k, row in enumerate(first):
+        stats = over_seeds({s: table[k] for s, table in per_seed.items()}, keys)
+        rows.append({"steps": row["steps"], **{key: stats[key]["text"] for key in keys}, "stats": stats})
+    return rows

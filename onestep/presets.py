@@ -78,6 +78,7 @@ UNET = {"digits": (64, (1, 2), ()), "mnist": (64, (1, 2, 2), ()), "cifar10": (12
 FID_RUNS = {"cifar10": {"eval_n": 50_000, "periodic_eval_n": 10_000, "eval_every": 10_000}}
 EVAL_STEPS = {"fm": 32}  # sampler steps the CLI evaluates a run with; one step for every other method
 LABEL_DROPOUT = 0.1  # class-conditional runs train 10% of rows unconditionally (classifier-free guidance)
+CT_BOOK_CHANGES = {"target": "online", "weighting": "inv_dsigma"}  # CT as the book trains it (see _method_cfg)
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,12 @@ def _method_cfg(method: str, variant: str, dataset: str, scale: Scale, condition
         if variant in ("sct", "scd"):  # sCM warms the tangent up over 10k of its 400k steps; ours, 10% of the run
             return cm.variant_config(variant, sigma_data=sigma_data, label_dropout=label_dropout,
                                      warmup_fraction=0.1)
+        if variant == "ct":
+            # CT's μ(k) averages over ~700 steps at N = 150 (0.1% of its 800k-step run, half of ours): the target
+            # is the online net under stop-gradient; and with an L2 distance the pair loss shrinks like Δσ², so
+            # uniform weights leave the fine links near the data untrained in a short run: iCT's λ = 1/Δσ
+            return cm.variant_config(variant, sigma_data=sigma_data, label_dropout=label_dropout,
+                                     **CT_BOOK_CHANGES)
         return cm.variant_config(variant, sigma_data=sigma_data, label_dropout=label_dropout)
     if method == "ctm":
         return ctm.Config(sigma_data=sigma_data, label_dropout=label_dropout)
@@ -177,10 +184,9 @@ def _train(method: str, method_cfg, dataset: str, scale: Scale) -> TrainConfig:
     base = scale.train_2d if _is_2d(dataset) else scale.train_images
     train = replace(base, steps=scale.longer_runs.get(dataset, base.steps))
     if method == "cm" and cm.target_decay(method_cfg) is not None:
-        # CD and CT read their target network from an EMA at μ (CT: μ(k)); the samples come from that
-        # same average, as in Chapter 2's runs
-        decay = cm.target_decay(method_cfg)
-        return replace(train, ema_decay=decay, target_decay=decay)
+        # CD (and the paper's CT) read their target network from an EMA at μ (CT: μ(k)), kept apart from
+        # the average the samples come from, as in the official code (target_ema vs ema_rate)
+        return replace(train, target_decay=cm.target_decay(method_cfg))
     if method == "ctm":  # the EMA is CTM's target network and its sampler
         return replace(train, ema_decay=scale.target_ema, target_decay=scale.target_ema)
     return train
@@ -208,7 +214,10 @@ def run_preset(method: str, dataset: str, scale: str, conditional: bool = False,
     if dataset in FID_RUNS and resolve_scale(scale) == "full":
         sizes = {k: v for k, v in FID_RUNS[dataset].items() if k != "eval_every"}
         train = replace(train, eval_every=FID_RUNS[dataset]["eval_every"], mixed_precision=True)
-    return RunPreset(method=method, dataset=dataset, model=_model(dataset, table, module.n_cond(method_cfg), conditional),
+    model = _model(dataset, table, module.n_cond(method_cfg), conditional)
+    if method == "cm" and method_cfg.weighting == "adaptive":  # sCM's learned loss weight w(τ) is a head of the net
+        model = replace(model, log_weight_head=True)
+    return RunPreset(method=method, dataset=dataset, model=model,
                      train=replace(train, **train_overrides), method_cfg=method_cfg,
                      n_train=table.n_train_2d if two_d else None, variant=variant,
                      eval_steps=EVAL_STEPS.get(method, 1), **sizes)
@@ -227,6 +236,7 @@ class FlowMatchingChapter:
     image_step_counts: tuple = (1, 2, 4, 16, 64)
     n_images: int = 1000  # generated images for the classifier-feature Fréchet distance
     anim_frames: int = 25
+    seeds: tuple = (0, 1, 2)  # training seeds of the committed batch runs the chapter summarises
 
 
 def _sizes(scale: str) -> dict:
@@ -254,12 +264,17 @@ class ConsistencyChapter:
     runs: dict = field(default_factory=dict)  # name -> RunPreset: "fm_teacher" and the CM runs
     teachers: dict = field(default_factory=dict)  # distilled run -> "exact" or the name of an fm run
     compare: tuple = ("cd", "cd_fm", "ct", "ict", "sct", "scd")  # the runs trained and compared
-    ablation: tuple = ("ict", "ict_unstopped")  # one run with its target under stop-gradient, one without
+    # (run, its ablation): CT as the book trains it vs as published; iCT's target with and without
+    # stop-gradient; sCM's learned weighting vs none
+    ablations: tuple = (("ct", "ct_paper"), ("ict", "ict_unstopped"), ("sct", "sct_uniform"))
+    tradeoff_grids: tuple = (4, 24, 150)  # CT at a fixed N, small, medium, large: the tradeoff in training
     n_eval: int = 2000  # samples for W2
     n_map: int = 2000  # noise points for the one-step flow-map error
     step_counts: tuple = (1, 2, 4)  # sampler steps compared on 8gaussians
     grid_sizes: tuple = (1, 2, 4, 8, 16, 32, 64)  # N of the discretisation tradeoff
     n_paths: int = 400  # exact trajectories the tradeoff is measured on
+    gap_ratios: tuple = tuple(2.0**-k for k in range(1, 11))  # Δσ/σ of the CT-vs-CD target check
+    n_gap: int = 64  # points of that check
     fd_steps: tuple = (1e-2, 1e-3)  # central-difference steps in τ for the sCM tangent check
     gaussian_cfg: Any = None  # the cm.Config whose sampler the Gaussian multistep analysis runs
     gaussian_steps: tuple = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -269,12 +284,15 @@ class ConsistencyChapter:
     image_variant: str = "sct"
     image_step_counts: tuple = (1, 2, 4)
     n_images: int = 1000
+    seeds: tuple = (0, 1, 2)  # training seeds of the committed batch runs the chapter summarises
 
 
 def consistency_chapter(scale: str) -> ConsistencyChapter:
     scale = resolve_scale(scale)
-    # 1500 steps per run keeps eight runs within the book's CPU budget; full scale keeps its default
-    steps = {"smoke": {"steps": 150}, "book": {"steps": 1500}, "full": {}}[scale]
+    # 1500 steps per run keeps the chapter's runs within the book's CPU budget; their samples come from an
+    # EMA with a window of 100 steps (0.99): the scale's 0.998 is set for 3000-step runs and would average
+    # over a third of these (the papers' 0.9999 over 600k-800k steps averages over ~1.5% of the run)
+    steps = {"smoke": {"steps": 150}, "book": {"steps": 1500, "ema_decay": 0.99}, "full": {}}[scale]
     variant = "sct"  # the teacher-free variant on class-conditional images
     sets = {"smoke": (), "book": ("digits",), "full": ("digits", "mnist")}[scale]
     runs = {"fm_teacher": run_preset("fm", "8gaussians", scale, **steps),
@@ -282,13 +300,26 @@ def consistency_chapter(scale: str) -> ConsistencyChapter:
             **{name: run_preset("cm", name, scale, conditional=True, variant=variant, **steps) for name in sets}}
     runs["cd_fm"] = runs["cd"]
     runs["ict_unstopped"] = replace(runs["ict"], method_cfg=replace(runs["ict"].method_cfg, target="unstopped"))
+    paper_ct = run_preset("cm", "8gaussians", scale, variant="ct", **steps)
+    paper_cfg = cm.variant_config("ct", sigma_data=paper_ct.method_cfg.sigma_data)  # as published
+    runs["ct_paper"] = replace(paper_ct, method_cfg=paper_cfg,
+                               train=replace(paper_ct.train, target_decay=cm.target_decay(paper_cfg)))
+    runs["sct_uniform"] = replace(runs["sct"], method_cfg=replace(runs["sct"].method_cfg, weighting="uniform"),
+                                  model=replace(runs["sct"].model, log_weight_head=False))
     per_scale = {
         # one run per code path (network teacher, discrete, continuous): each run costs a JAX compilation
-        "smoke": {"compare": ("cd_fm", "ict", "sct"), "grid_sizes": (1, 2, 4, 8, 16, 32), "n_paths": 100},
+        "smoke": {"compare": ("cd_fm", "ict", "sct"), "ablations": (),
+                  "tradeoff_grids": (), "grid_sizes": (1, 2, 4, 8, 16, 32), "n_paths": 100,
+                  "gap_ratios": (1 / 8, 1 / 32, 1 / 128), "n_gap": 16},
         # sCD's tangent is checked in the chapter; its run is left to full scale to make room for the digits
         "book": {"compare": ("cd", "cd_fm", "ct", "ict", "sct")},
         "full": {},
     }[scale]
+    for n in per_scale.get("tradeoff_grids", ConsistencyChapter.tradeoff_grids):
+        # the paper's uniform weights (with the book's online target): the tradeoff as CT meets it
+        fixed = replace(runs["ct"].method_cfg, curriculum="fixed", n_start=n, n_end=n, weighting="uniform")
+        runs[f"ct_n{n}"] = replace(runs["ct"], method_cfg=fixed,  # half a run each, to fit the CPU budget
+                                   train=replace(runs["ct"].train, steps=runs["ct"].train.steps // 2))
     return ConsistencyChapter(runs=runs, teachers={"cd": "exact", "cd_fm": "fm_teacher", "scd": "exact"},
                               gaussian_cfg=run_preset("cm", "gaussian", scale, variant="sct").method_cfg,
                               image_sets=sets, image_variant=variant, **_sizes(scale), **per_scale)
@@ -298,7 +329,7 @@ def consistency_chapter(scale: str) -> ConsistencyChapter:
 class ConsistencyTrajectoryChapter:
     """Chapter 3: CTM distilled on 8gaussians from the exact field and from an FM teacher."""
 
-    runs: dict = field(default_factory=dict)  # "exact" / "fm": CTM runs; "fm_teacher": the FM run
+    runs: dict = field(default_factory=dict)  # "exact" / "fm": CTM runs; "fm_teacher": the FM run; images
     teacher_eval_steps: int = 32  # Heun steps the FM teacher is scored with
     n_eval: int = 2000  # samples for W2
     n_map: int = 1000  # noise points for the flow-map error against the exact map
@@ -306,18 +337,29 @@ class ConsistencyTrajectoryChapter:
     step_counts: tuple = (1, 2, 4)
     split_points: int = 25  # values of the split point u in the semigroup animation and defect curve
     n_particles: int = 12  # particles drawn in the animation
+    image_sets: tuple = ()  # class-conditional image runs, each distilled from an FM run "<set>_teacher"
+    image_step_counts: tuple = (1, 2, 4)
+    n_images: int = 1000
+    seeds: tuple = (0, 1, 2)  # training seeds of the committed batch runs the chapter summarises
 
 
 def consistency_trajectory_chapter(scale: str) -> ConsistencyTrajectoryChapter:
     scale = resolve_scale(scale)
     steps = {"smoke": {"steps": 200}, "book": {"steps": 1500}, "full": {}}[scale]
-    runs = {"fm_teacher": run_preset("fm", "8gaussians", scale, **steps),
+    # the FM teacher's 1500-step run samples from an EMA of 100 steps, as Chapter 2's runs (see there)
+    teacher_steps = {**steps, "ema_decay": 0.99} if scale == "book" else steps
+    # digits do not fit the book's 3-minute budget next to the two 2-D runs: full scale only
+    sets = {"smoke": (), "book": (), "full": ("digits", "mnist")}[scale]
+    runs = {"fm_teacher": run_preset("fm", "8gaussians", scale, **teacher_steps),
             "exact": run_preset("ctm", "8gaussians", scale, **steps)}
     runs["fm"] = runs["exact"]
+    for name in sets:
+        runs[f"{name}_teacher"] = run_preset("fm", name, scale, conditional=True)
+        runs[name] = run_preset("ctm", name, scale, conditional=True)
     per_scale = {"smoke": {"teacher_eval_steps": 8, "n_map": 300, "split_points": 4},
                  "book": {"n_map": 1000, "split_points": 16}, "full": {}}[scale]
-    sizes = {k: v for k, v in _sizes(scale).items() if k != "n_images"}
-    return ConsistencyTrajectoryChapter(runs=runs, **{**sizes, **per_scale})
+    sizes = _sizes(scale)
+    return ConsistencyTrajectoryChapter(runs=runs, image_sets=sets, **{**sizes, **per_scale})
 
 
 @dataclass(frozen=True)
@@ -333,6 +375,8 @@ class ShortcutChapter:
     image_sets: tuple = ("digits",)  # class-conditional image runs
     image_step_counts: tuple = (1, 4, 128)
     n_images: int = 1000
+    redraws: int = 4  # further noise draws of one trained model: the sampler's own spread of W2
+    seeds: tuple = (0, 1, 2)  # training seeds of the committed batch runs the chapter summarises
 
 
 def shortcut_chapter(scale: str) -> ShortcutChapter:
@@ -341,7 +385,8 @@ def shortcut_chapter(scale: str) -> ShortcutChapter:
     runs = {"8gaussians": run_preset("shortcut", "8gaussians", scale),
             "cm": run_preset("cm", "8gaussians", scale, variant="cd"),
             **{name: run_preset("shortcut", name, scale, conditional=True) for name in sets}}
-    per_scale = {"smoke": {"n_order": 50, "step_counts": (1, 4, 16, 128)}, "book": {}, "full": {}}[scale]
+    per_scale = {"smoke": {"n_order": 50, "step_counts": (1, 4, 16, 128), "redraws": 1}, "book": {},
+                 "full": {}}[scale]
     return ShortcutChapter(runs=runs, image_sets=sets, **_sizes(scale), **per_scale)
 
 

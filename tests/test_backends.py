@@ -1,13 +1,15 @@
 """Backend parity (same float64 weights and inputs => same numbers) and backend mechanics."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from parity import TOL, assert_same, assert_same_loss_and_grads, backend64, make_pair
 
 from onestep import get_backend
-from onestep.backends.architectures import MLPConfig
+from onestep.backends.architectures import MLPConfig, UNetConfig
 from onestep.backends.embedding import embed_conditions, frequencies
 from onestep.methods import fm
 from onestep.ode import integrate
@@ -79,6 +81,34 @@ def test_jvp_parity_and_finite_differences(pair):
 
     fd = (f(h) - f(-h)) / (2 * h)
     assert np.max(np.abs(fd - tt)) < 1e-7 * max(1.0, np.abs(tt).max())
+
+
+HEADS = {"mlp": MLPConfig(data_dim=3, n_cond=1, width=16, depth=2, emb_dim=16, n_classes=4, log_weight_head=True),
+         "unet": UNetConfig(channels=1, size=8, n_cond=1, base=8, mults=(1, 2), emb_dim=16, n_classes=4,
+                            log_weight_head=True)}
+
+
+@pytest.mark.parametrize("kind", HEADS)
+def test_log_weight_head(kind):
+    """sCM's weight head: the same w(cond) in both backends, a linear layer on the sinusoidal time
+    embedding, and no influence on the network's output (a net without the head, given the other
+    weights, returns the same)."""
+    cfg = HEADS[kind]
+    pair = make_pair(cfg, weight_noise=0.01)
+    rng = np.random.default_rng(5)
+    cond = rng.uniform(size=(6, 1)) * 1.5e-3  # TrigFlow's τ/1000, as the sCM loss passes it
+    w = assert_same(pair, lambda bk, m, ema: m.log_weight(bk.from_numpy(cond)))
+    assert w.shape == (6,) and np.ptp(w) > 1e-4
+    bk, model = pair[0].bk, pair[0].model
+    params = bk.get_params(model)
+    emb = embed_conditions(np, cond, frequencies(cfg.emb_dim))
+    assert np.abs(w - (emb @ params["log_weight_head.weight"][0] + params["log_weight_head.bias"][0])).max() < TOL
+    plain = bk.set_params(bk.make_model(replace(cfg, log_weight_head=False), bk.key(0)),
+                          {k: v for k, v in params.items() if not k.startswith("log_weight_head.")})
+    x = rng.normal(size=(6, cfg.data_dim) if kind == "mlp" else (6, 1, 8, 8))
+    y = bk.from_numpy(rng.integers(0, 5, 6))
+    with_head, without = (bk.to_numpy(m(bk.from_numpy(x), bk.from_numpy(cond), y)) for m in (model, plain))
+    assert np.array_equal(with_head, without)
 
 
 def _fixed_draws(bk, n, seed=3):

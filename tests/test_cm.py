@@ -166,9 +166,17 @@ def _draws_for(bk, cfg, n, seed=0):
     return draws
 
 
-@pytest.mark.parametrize("variant", cm.VARIANTS)
-def test_loss_and_gradient_parity(pair, variant):
+@pytest.fixture(scope="module")
+def weighted_pair():
+    """Nets with sCM's weight head w(τ) (``log_weight_head``), moved off their initial weights."""
+    return make_pair(replace(NET, log_weight_head=True), weight_noise=0.05)
+
+
+@pytest.mark.parametrize("variant, weighting", [(v, None) for v in cm.VARIANTS]
+                         + [("sct", "uniform"), ("scd", "uniform")])
+def test_loss_and_gradient_parity(pair, weighted_pair, variant, weighting):
     cfg = config(variant, sigma_data=SIGMA_D, label_dropout=0.3)
+    cfg = cfg if weighting is None else replace(cfg, weighting=weighting)
     x0, _, y = points(12, seed=5)
     y = y % NET.n_classes
 
@@ -177,8 +185,33 @@ def test_loss_and_gradient_parity(pair, variant):
         batch = {"x": bk.from_numpy(x0), "y": bk.from_numpy(y)}
         return cm.loss_from_draws(bk, cfg, model, ema, batch, _draws_for(bk, cfg, 12), teacher)
 
-    value = assert_same_loss_and_grads(pair, loss)
-    assert np.isfinite(value) and value > 0
+    value = assert_same_loss_and_grads(weighted_pair if cfg.weighting == "adaptive" else pair, loss)
+    assert np.isfinite(value) and (value > 0 or cfg.weighting == "adaptive")
+
+
+@pytest.mark.parametrize("name", ["torch", "jax"])
+def test_adaptive_weighting_is_the_papers_objective(weighted_pair, name):
+    """``e^{w(τ)}·‖F − F⁻ − g‖²/D − w(τ)``, averaged over rows, with w from the net's head; and a
+    net without the head is refused by name."""
+    side = weighted_pair[0] if name == "torch" else weighted_pair[1]
+    bk, model = side.bk, side.model
+    cfg = config("sct", sigma_data=SIGMA_D)
+    assert cfg.weighting == "adaptive"
+    x0, _, _ = points(12, seed=6)
+    batch, draws = {"x": bk.from_numpy(x0)}, _draws_for(bk, cfg, 12)
+    loss, aux = cm.loss_from_draws(bk, cfg, model, model, batch, draws)
+    plain, _ = cm.loss_from_draws(bk, replace(cfg, weighting="uniform"), model, model, batch, draws)
+    w = bk.to_numpy(model.log_weight(bk.from_numpy(bk.to_numpy(draws["tau"])[:, None] / 1000)))
+    assert np.ptp(w) > 0 and float(aux["log_weight"]) == pytest.approx(w.mean(), rel=1e-12)
+    assert float(aux["mse"]) == pytest.approx(float(plain), rel=1e-12)
+    # one τ for every row: one w, so the objective is e^w·(unweighted loss) − w
+    same = {**draws, "tau": bk.xp.full_like(draws["tau"], 0.7)}
+    loss, _ = cm.loss_from_draws(bk, cfg, model, model, batch, same)
+    plain, _ = cm.loss_from_draws(bk, replace(cfg, weighting="uniform"), model, model, batch, same)
+    w = float(bk.to_numpy(model.log_weight(bk.from_numpy(np.full((1, 1), 0.7e-3))))[0])
+    assert float(loss) == pytest.approx(np.exp(w) * float(plain) - w, rel=1e-12)
+    with pytest.raises(ValueError, match=r"weighting 'adaptive' needs a network with log_weight_head=True"):
+        cm.loss_from_draws(bk, cfg, backend64(name).make_model(NET, bk.key(0)), None, batch, draws)
 
 
 def test_draws_follow_the_curriculum():
@@ -211,14 +244,22 @@ def test_two_runs_of_one_config_share_its_curriculum_tables(name):
 
 
 def test_curricula_grow_and_ct_target_decay_rises():
-    ct = config("ct")
+    ct = cm.variant_config("ct", sigma_data=SIGMA_D)  # CT as published: an EMA target at μ(k)
     n = cm.n_schedule(ct, 1000)
     assert n[0] == ct.n_start and n[-1] <= ct.n_end + 1 and n[-1] >= ct.n_end - 1 and np.all(np.diff(n) >= 0)
     decays = cm.target_decay(ct).table(1000)[[0, 500, 999]]
     assert decays[0] == pytest.approx(ct.mu0 ** (ct.n_start / n[0])) and decays[0] < decays[1] < decays[2] < 1
-    preset = run_preset("cm", "8gaussians", "smoke", variant="ct", steps=1000)
-    _, target = preset.train.decays()
+    paper = run_preset("cm", "8gaussians", "smoke", variant="ct", steps=1000)
+    paper = replace(paper, method_cfg=ct, train=replace(paper.train, target_decay=cm.target_decay(ct)))
+    ema, target = paper.train.decays()
     assert [target(k) for k in (0, 500, 999)] == pytest.approx(decays, abs=0)  # the run's target network follows μ(k)
+    assert ema == paper.train.ema_decay and ema != target(999)  # and the samples come from another average
+    # the book's CT: the online net as target (no target average) and iCT's 1/Δσ weights
+    book = run_preset("cm", "8gaussians", "smoke", variant="ct")
+    assert (book.method_cfg.target, book.method_cfg.weighting) == ("online", "inv_dsigma")
+    assert cm.target_decay(book.method_cfg) is None and book.train.target_decay is None
+    cd = run_preset("cm", "8gaussians", "book", variant="cd")
+    assert cd.train.target_decay == 0.95 and cd.train.ema_decay != 0.95  # CD's target apart from its sampling EMA
     ict = config("ict", n_start=10, n_end=80)
     assert sorted(set(cm.n_schedule(ict, 1000))) == [11, 21, 41, 81]
     assert cm.target_decay(ict) is None  # iCT's target is the online network under stop-gradient
@@ -237,7 +278,7 @@ def test_multistep_sampling_uses_the_schedule_and_the_key(pair):
     assert times[0] == pytest.approx(cfg.t_max) and np.all(np.diff(times) < 0) and times[-1] > cfg.t_min
 
 
-@pytest.mark.parametrize("name, variant", [("torch", "cd"), ("jax", "sct")])
+@pytest.mark.parametrize("name, variant", [("torch", "cd"), ("jax", "sct"), ("jax", "ct")])
 def test_converges_at_smoke_scale(name, variant):
     """One-step samples of a trained model beat an untrained one by a wide margin (W2 to fresh data, n = 1000)."""
     bk = get_backend(name)

@@ -96,7 +96,8 @@ def test_full_scale_cifar10_preset():
 def test_bf16_autocast_leaves_the_jvp_in_float32():
     """Under a mixed-precision state the network runs in bf16, except inside ``bk.jvp``; sCT trains."""
     bk = get_backend("torch")
-    cfg = UNetConfig(channels=3, size=8, base=8, mults=(1, 2), emb_dim=16, attention=(4,), head_channels=8)
+    cfg = UNetConfig(channels=3, size=8, base=8, mults=(1, 2), emb_dim=16, attention=(4,), head_channels=8,
+                     log_weight_head=True)  # sCT learns its loss weight w(τ) with this head
     model = bk.make_model(cfg, bk.key(0))
     x, t = torch.randn(2, 3, 8, 8), torch.rand(2, 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -3,7 +3,9 @@
 A network is called as ``model(x, cond, y)``: ``x`` has shape ``(n, *model_shape(cfg))``,
 ``cond`` ``(n, n_cond)`` holds the times the method conditions on (each embedded
 sinusoidally), ``y`` is ``None`` or integer labels ``(n,)`` where label ``n_classes`` means
-"no label" (classifier-free guidance).  Each backend implements the layers; the
+"no label" (classifier-free guidance).  With ``log_weight_head`` a network also has
+``model.log_weight(cond)``: one scalar per row from a linear layer on the sinusoidal embedding of
+``cond`` (sCM's learned loss weight ``w(τ)``), a separate head that the network's output ignores.  Each backend implements the layers; the
 configurations, the GroupNorm group rule and the U-Net's skip wiring live here, once.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ class MLPConfig:
     depth: int = 4
     emb_dim: int = 64
     n_classes: int = 0
+    log_weight_head: bool = False  # sCM's adaptive loss weight w(cond): model.log_weight(cond)
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class UNetConfig:
     mults: tuple[int, ...] = (1, 2)
     emb_dim: int = 128
     n_classes: int = 0
+    log_weight_head: bool = False  # sCM's adaptive loss weight w(cond): model.log_weight(cond)
     attention: tuple[int, ...] = ()  # resolutions (feature-map sizes) with a self-attention block
     head_channels: int = 64  # channels per attention head
 

@@ -19,7 +19,20 @@ Training variants:
 - ``ict``: improved CT; the target is the online network under stop-gradient, pseudo-Huber
   distance, ``1/Δσ`` weights, lognormal index sampling, ``N`` doubling;
 - ``sct`` / ``scd``: continuous time (Lu & Song 2024); the tangent ``cos τ·df⁻/dτ`` from a JVP,
-  normalised ``g/(‖g‖ + c)`` and warmed up.
+  normalised ``g/(‖g‖ + c)`` and warmed up; the learned weighting ``e^{w(τ)}/D·‖·‖² − w(τ)`` with
+  ``w`` the network's ``log_weight`` head (``weighting = "adaptive"``, read outside the JVP).
+
+Mapping from the official CM code (``openai/consistency_models``, EDM σ, grid index 0 = σ_max):
+``σ = t/(1 − t)``, ``x_σ = z_t/(1 − t)``; a sampled index gives our ``(sigma_hi, sigma_lo)``;
+``target_model`` (rate ``target_ema``) is the run's target network (``TrainConfig.target_decay``,
+``target_decay`` below) and ``ema_rate`` the average the samples come from
+(``TrainConfig.ema_decay``).  sCM (TrigFlow, no official code): its time ``t`` is our ``τ``
+(``conventions.tau_from_t``), its ``x_t/σ_d`` our ``x_τ/σ_d``, its ``w_φ(t)`` our ``model.log_weight``.
+
+Departures (Chapter 2's box gives the reasons): the network sees ``t`` (edm) or ``τ/1000`` (trig),
+not CM's ``1000·¼ ln σ``; σ_d is the data's RMS; L2 or pseudo-Huber instead of LPIPS; sCM's
+lognormal time proposal keeps the images' distribution of τ (``IMAGE_SIGMA_DATA``); the CT preset
+(``presets.CT_BOOK_CHANGES``) trains against the online net with iCT's ``1/Δσ`` weights.
 """
 from __future__ import annotations
 
@@ -47,7 +60,7 @@ from .flowmap import check_steps, condition_labels, label_dropout, per_row
 VARIANTS = ("ict", "ct", "cd", "sct", "scd")
 CURRICULA = ("doubling", "adaptive", "fixed")
 DISTANCES = ("l2", "pseudo_huber")
-WEIGHTINGS = ("uniform", "inv_dsigma")
+WEIGHTINGS = ("uniform", "inv_dsigma", "adaptive")  # adaptive: sCM's learned e^{w(τ)}·L − w(τ)
 INDEX_SAMPLERS = ("uniform", "lognormal")
 TARGETS = ("online", "ema", "unstopped")  # sg(θ), sg(EMA θ⁻), or θ with the gradient flowing (collapses)
 IMAGE_SIGMA_DATA = 0.5  # the papers' constants assume σ_d = 0.5; ours are rescaled by σ_d / 0.5
@@ -97,6 +110,10 @@ class Config:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
         if not 0 <= self.mu0 < 1:
             raise ValueError(f"mu0 must be in [0, 1), got {self.mu0!r}")
+        accepted = ("uniform", "adaptive") if self.parameterisation == "trig" else ("uniform", "inv_dsigma")
+        if self.weighting not in accepted:
+            raise ValueError(f"weighting {self.weighting!r} does not apply to variant {self.variant!r}; "
+                             f"accepted: {', '.join(accepted)}")
 
     @property
     def parameterisation(self) -> str:
@@ -141,12 +158,14 @@ PAPER_VARIANTS = {
     # CM (Song et al. 2023), CT: N(k) from s0 = 2 to s1 = 150 and μ(k) from μ0 = 0.9
     "ct": {"curriculum": "adaptive", "n_start": 2, "n_end": 150, "target": "ema", "mu0": 0.9, "distance": "l2",
            "weighting": "uniform", "index_sampling": "uniform"},
-    # CM, CD on CIFAR-10: fixed N = 18, EMA target μ = 0.95 (their metric is LPIPS)
+    # CM, CD: fixed N = 18 (CIFAR-10) with the EMA target μ = 0.95 of ImageNet-64 and LSUN (there N = 40;
+    # CIFAR-10's CD uses μ = 0, the online net); their metric is LPIPS
     "cd": {"curriculum": "fixed", "n_start": 18, "n_end": 18, "target": "ema", "mu0": 0.95, "distance": "l2",
            "weighting": "uniform", "index_sampling": "uniform"},
     # sCM (Lu & Song 2024), CIFAR-10: tan τ = e^P/σ_d with P ~ N(−1.0, 1.4²), tangent normalisation c = 0.1
-    "sct": {"p_mean": -1.0, "p_std": 1.4, "tangent_norm": 0.1},
-    "scd": {"p_mean": -1.0, "p_std": 1.4, "tangent_norm": 0.1},
+    # and the learned adaptive weighting e^{w(τ)}/D·‖F − F⁻ − g‖² − w(τ)
+    "sct": {"p_mean": -1.0, "p_std": 1.4, "tangent_norm": 0.1, "weighting": "adaptive"},
+    "scd": {"p_mean": -1.0, "p_std": 1.4, "tangent_norm": 0.1, "weighting": "adaptive"},
 }
 
 
@@ -338,7 +357,9 @@ def trig_tangent(bk, cfg: Config, model, x_tau, dx_dtau, tau, y, warmup):
 
 
 def continuous_loss(bk, cfg: Config, model, batch: dict, draws: dict, teacher=None):
-    """sCT / sCD: ``‖F_θ(x_τ/σ_d, τ) − F⁻ − g/(‖g‖ + c)‖²/D`` at ``x_τ = cos τ·x0 + sin τ·σ_d·ε``."""
+    """sCT / sCD: ``e^{w(τ)}/D·‖F_θ(x_τ/σ_d, τ) − F⁻ − g/(‖g‖ + c)‖² − w(τ)`` at
+    ``x_τ = cos τ·x0 + sin τ·σ_d·ε``, with the network's learned weight ``w(τ)`` (``weighting =
+    "adaptive"``, outside the JVP) or ``w = 0`` (``"uniform"``)."""
     xp, sd = bk.xp, cfg.sigma_data
     x0, noise, tau = batch["x"], draws["noise"], draws["tau"]
     y = condition_labels(bk, model, batch.get("y"), draws.get("drop"))
@@ -352,7 +373,14 @@ def continuous_loss(bk, cfg: Config, model, batch: dict, draws: dict, teacher=No
     norm = xp.sqrt(xp.sum((g**2).reshape((g.shape[0], -1)), axis=1))
     g = g / (expand(norm, g) + cfg.tangent_norm)
     err = F - bk.stop_gradient(F) - g
-    return xp.mean(err**2), {"tangent_norm": xp.mean(norm)}
+    sq = xp.mean((err**2).reshape((err.shape[0], -1)), axis=1)  # ‖·‖²/D per row
+    if cfg.weighting == "uniform":
+        return xp.mean(sq), {"tangent_norm": xp.mean(norm)}
+    if not model.cfg.log_weight_head:
+        raise ValueError("weighting 'adaptive' needs a network with log_weight_head=True (the learned w(τ)); "
+                         "build the model from presets.run_preset or use weighting='uniform'")
+    w = model.log_weight((tau / EMBEDDING_TIME_SCALE)[:, None])
+    return xp.mean(xp.exp(w) * sq - w), {"tangent_norm": xp.mean(norm), "mse": xp.mean(sq), "log_weight": xp.mean(w)}
 
 
 def loss_from_draws(bk, cfg: Config, model, target, batch: dict, draws: dict, teacher=None):

@@ -28,8 +28,10 @@ Training (``loss_from_draws``) is CTM's distillation objective without its GAN t
   as CTM's default (``ctm_estimate_outer_type = target_model_sg``).  The target's ``u → s`` jump
   uses the EMA net as in the paper (the official code's default uses the online net under
   stop-gradient; with our short EMA the two are close).
-- denoising (CTM's DSM term): at ``r = t`` the jump's velocity is the ODE velocity, so in our
-  convention the DSM term is the flow-matching loss ``‖U_θ(z_τ, τ, τ) − (x1 − x0)‖²``.  CTM
+- denoising (CTM's DSM term): at ``r = t`` the jump's velocity is the ODE velocity, so we train
+  that part with the flow-matching loss ``‖U_θ(z_τ, τ, τ) − (x1 − x0)‖²`` (uniform τ, no weights).
+  CTM's DSM is EDM's denoising loss on ``g`` with EDM's noise distribution and weights: the same
+  minimiser (``g = z − t·U``), a different weighting of the noise levels.  CTM
   weights it by ``‖∇_W L_CTM‖ / ‖∇_W L_DSM‖`` at the last layer W, which needs reverse-mode access
   to one layer, a backend-specific operation.  We use the ratio of the two losses' root values
   instead, ``λ = sg(√(L_CTM / L_DSM))``: for squared errors a gradient's norm scales with the

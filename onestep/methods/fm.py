@@ -3,6 +3,11 @@
 Loss: ``E ‖v_θ(z_t, t) − (x1 − x0)‖²`` with ``z_t = (1 − t)x0 + t·x1``; its minimiser is
 the marginal velocity ``E[x1 − x0 | z_t]``.  Sampling integrates ``dz/dt = v_θ`` from
 t = 1 (noise) down to t = 0 (data) with the ODE solvers of ``onestep.ode``.
+
+Departures from Lipman et al. (Chapter 1's box): their path runs from noise at 0 to data at 1 with
+target ``x_data − (1 − σ_min)·x_noise``; with ``t ↦ 1 − t`` and σ_min = 0 it is our path, whose
+derivative is ``x_noise − x_data = x1 − x0``.  Fixed-step Euler/Heun instead of an adaptive solver;
+optional label dropout for guidance.
 """
 from __future__ import annotations
 

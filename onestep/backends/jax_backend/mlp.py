@@ -17,6 +17,7 @@ from ..embedding import embed_conditions, frequencies
 class MLP(eqx.Module):
     layers: list
     label_emb: eqx.nn.Embedding | None
+    log_weight_head: eqx.nn.Linear | None
     cfg: MLPConfig = eqx.field(static=True)
 
     def __init__(self, cfg: MLPConfig, key, dtype=jnp.float32):
@@ -27,6 +28,13 @@ class MLP(eqx.Module):
         self.layers = [eqx.nn.Linear(a, b, key=k, dtype=dtype) for a, b, k in zip(dims[:-1], dims[1:], keys)]
         self.label_emb = (eqx.nn.Embedding(cfg.n_classes + 1, cfg.emb_dim, key=keys[-1], dtype=dtype)
                           if cfg.n_classes else None)
+        self.log_weight_head = (eqx.nn.Linear(cfg.n_cond * cfg.emb_dim, 1, key=jax.random.fold_in(key, 1),
+                                              dtype=dtype) if cfg.log_weight_head else None)
+
+    def log_weight(self, cond):
+        """``w(cond)`` (n,) for ``cond`` (n, n_cond): the loss-weight head (``log_weight_head``)."""
+        emb = embed_conditions(jnp, cond, jnp.asarray(frequencies(self.cfg.emb_dim), cond.dtype))
+        return emb @ self.log_weight_head.weight[0] + self.log_weight_head.bias[0]
 
     def __call__(self, x, cond, y=None):
         freqs = jnp.asarray(frequencies(self.cfg.emb_dim), cond.dtype)  # a constant under jit

@@ -189,6 +189,7 @@ class UNet(eqx.Module):
     up: list
     norm_out: GroupNorm
     conv_out: Conv
+    log_weight_head: Linear | None
     cfg: UNetConfig = eqx.field(static=True)
 
     def __init__(self, cfg: UNetConfig, key, dtype=jnp.float32):
@@ -210,6 +211,12 @@ class UNet(eqx.Module):
                    for i, (c_in, c) in enumerate(zip(chs[1:] + chs[-1:], chs))]
         self.norm_out = GroupNorm(cfg.base, dtype)
         self.conv_out = Conv(cfg.base, cfg.channels, 3, rng, dtype, zero=True)
+        self.log_weight_head = Linear(cfg.n_cond * cfg.emb_dim, 1, rng, dtype) if cfg.log_weight_head else None
+
+    def log_weight(self, cond):
+        """``w(cond)`` (n,) for ``cond`` (n, n_cond): the loss-weight head (``log_weight_head``)."""
+        emb = embed_conditions(jnp, cond, jnp.asarray(frequencies(self.cfg.emb_dim), cond.dtype))
+        return self.log_weight_head(emb)[:, 0]
 
     def __call__(self, x, cond, y=None):
         freqs = jnp.asarray(frequencies(self.cfg.emb_dim), cond.dtype)  # a constant under jit

@@ -26,6 +26,12 @@ class MLP(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(dims))
         if cfg.n_classes:
             self.label_emb = nn.Embedding(cfg.n_classes + 1, cfg.emb_dim)  # last row: "no label"
+        if cfg.log_weight_head:
+            self.log_weight_head = nn.Linear(cfg.n_cond * cfg.emb_dim, 1)
+
+    def log_weight(self, cond):
+        """``w(cond)`` (n,) for ``cond`` (n, n_cond): the loss-weight head (``log_weight_head``)."""
+        return self.log_weight_head(embed_conditions(torch, cond, self.freqs))[:, 0]
 
     def forward(self, x, cond, y=None):
         """``x`` (n, data_dim), ``cond`` (n, n_cond), ``y`` None or labels (n,) -> (n, data_dim)."""

@@ -126,6 +126,12 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(cfg.base, cfg.channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+        if cfg.log_weight_head:
+            self.log_weight_head = nn.Linear(cfg.n_cond * cfg.emb_dim, 1)
+
+    def log_weight(self, cond):
+        """``w(cond)`` (n,) for ``cond`` (n, n_cond): the loss-weight head (``log_weight_head``)."""
+        return self.log_weight_head(embed_conditions(torch, cond, self.freqs))[:, 0]
 
     def forward(self, x, cond, y=None):
         """``x`` (n, C, H, W), ``cond`` (n, n_cond), ``y`` None or labels (n,) -> (n, C, H, W)."""
