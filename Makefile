@@ -34,9 +34,11 @@ $(EXECUTED): $(LIBRARY) $(VENV)
 	mkdir -p _build && touch $@
 
 test: export ONESTEP_SCALE := smoke
+# Two pytest workers, one per core; --dist loadfile keeps a file's tests on one worker (a notebook's
+# cells share one kernel under nbval; the book build is one module fixture).
 test: $(VENV) chromium
 	$(PY) tests/prepare_notebooks.py .nbrun
-	$(PY) -m pytest tests .nbrun --nbval-lax --nbval-current-env --nbval-cell-timeout=600
+	$(PY) -m pytest tests .nbrun --nbval-lax --nbval-current-env --nbval-cell-timeout=600 -n 2 --dist loadfile
 
 chromium:
 	@command -v $(CHROMIUM) >/dev/null || { \

@@ -85,7 +85,8 @@ def test_periodic_fid_goes_to_the_run_log_and_the_cli_scores_the_ema(cifar, tmp_
         assert np.isfinite(json.load(f)["eval"]["fid"])
 
 
-def test_full_scale_cifar10_preset():
+def test_full_scale_cifar10_preset(monkeypatch):
+    monkeypatch.delenv("ONESTEP_SCALE", raising=False)  # make test sets it to smoke, which would win over "full"
     preset = run_preset("fm", "cifar10", "full")
     assert preset.model.attention == (16,) and preset.model.base == 128
     assert preset.eval_n == 50_000 and preset.periodic_eval_n == 10_000 and preset.train.eval_every == 10_000
