@@ -267,12 +267,13 @@ def test_jax_jvp_step_adds_one_forward_of_matmuls():
 
 
 # -- the methods' own losses take the fast path ------------------------------------------------------
-@pytest.mark.parametrize("cfg", [cm.variant_config("sct"), meanflow.Config()], ids=["sct", "meanflow"])
-def test_method_losses_take_the_hand_carried_tangent(cfg, monkeypatch):
+@pytest.mark.parametrize("cfg, weight_head", [(cm.variant_config("sct"), True), (meanflow.Config(), False)],
+                         ids=["sct", "meanflow"])  # sCT learns its loss weight w(τ) with a head on the net
+def test_method_losses_take_the_hand_carried_tangent(cfg, weight_head, monkeypatch):
     """sCT (Chapter 2) and MeanFlow reach the hand-carried tangent through ``bk.jvp``: every linear
     layer of the network sees a tangent, and ``torch.func.jvp`` is never called."""
     tb = get_backend("torch", precision="float64")
-    net = MLPConfig(data_dim=3, n_cond=method_of(cfg).n_cond(cfg), width=16, depth=2)
+    net = MLPConfig(data_dim=3, n_cond=method_of(cfg).n_cond(cfg), width=16, depth=2, log_weight_head=weight_head)
     model = tb.make_model(net, tb.key(0))
     seen = []
     linear = tangent.linear

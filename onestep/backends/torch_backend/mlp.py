@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..architectures import MLPConfig
-from ..embedding import frequencies
+from ..embedding import embed_conditions, frequencies
 from . import tangent as tg
 
 

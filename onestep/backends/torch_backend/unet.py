@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..architectures import UNetConfig, group_count, unet_levels
-from ..embedding import frequencies
+from ..embedding import embed_conditions, frequencies
 from . import tangent as tg
 
 
