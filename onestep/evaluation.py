@@ -6,7 +6,9 @@ Images: Fréchet distance in the features of the data set's reference classifier
 for class-conditional samples, the classifier's accuracy on the intended labels; CIFAR-10
 (no reference classifier): FID against the Inception statistics of its training set.
 ``perfect_sampler_score`` scores real data the same way (what a perfect sampler gets at that n);
-``over_seeds`` and ``committed_seeds`` gather a chapter's numbers over training seeds.
+``noise_redraw_score`` scores one model over fresh draws of its sampler's noise;
+``over_seeds`` and ``committed_seeds`` gather a chapter's numbers over training seeds, ``committed_study``
+finds a chapter's committed study run.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from .data import dataset_info, load, oracle
 
 # Fresh reference data never shares a seed with the training set.
 _REFERENCE_SEED = 10_007
+_REDRAW_SEED = 20_011  # nor does the sampler noise of a redraw
 FID_DATASETS = ("cifar10",)  # scored by FID against their training set (no reference classifier)
 
 
@@ -52,8 +55,7 @@ def perfect_sampler_score(dataset: str, n: int, seed: int = 0, draws: int = 5, s
     tight).  2-D sets draw fresh points from the data distribution; image sets draw ``n`` training
     images (the reference is the test split) with their labels.  Returns
     ``{metric: {"mean", "std", "values"}}`` over the draws (std with ``ddof=1``)."""
-    if not (isinstance(draws, int) and draws >= 2):
-        raise ValueError(f"draws must be an integer ≥ 2 (a spread needs two draws), got {draws!r}")
+    _check_draws(draws)
     if score is None:
         def score(x, labels):
             return evaluate(dataset, x, labels, seed=seed)
@@ -61,6 +63,26 @@ def perfect_sampler_score(dataset: str, n: int, seed: int = 0, draws: int = 5, s
     for k in range(draws):
         data = load(dataset, n=n, seed=2 * _REFERENCE_SEED + 97 * seed + k, split="train")
         scores.append(score(data.x, data.y))
+    return _spread(scores)
+
+
+def noise_redraw_score(sample, score, shape: tuple, draws: int, seed: int = 0) -> dict:
+    """How much one trained model's scores move with its sampler's noise alone: ``score(sample(z))`` for
+    ``draws`` independent standard-normal noise arrays ``z`` of ``shape`` (numpy), drawn from ``seed``.
+    Set beside the spread over training seeds, it says how much of that spread the noise draw explains.
+    Returns ``{metric: {"mean", "std", "values"}}`` like ``perfect_sampler_score``."""
+    _check_draws(draws)
+    return _spread([score(sample(np.random.default_rng([_REDRAW_SEED, seed, k]).normal(size=shape)))
+                    for k in range(draws)])
+
+
+def _check_draws(draws) -> None:
+    if not (isinstance(draws, int) and draws >= 2):
+        raise ValueError(f"draws must be an integer ≥ 2 (a spread needs two draws), got {draws!r}")
+
+
+def _spread(scores: list[dict]) -> dict:
+    """``{metric: {"mean", "std", "values"}}`` of a list of ``{metric: value}`` (std with ddof=1)."""
     out = {}
     for key in scores[0]:
         values = [float(s[key]) for s in scores]
@@ -119,6 +141,22 @@ def committed_seeds(chapter: str, backend: str, scale: str, seeds, root: Path = 
         if path.is_file():
             out[seed] = json.loads(path.read_text())
     return out
+
+
+def study_command(chapter: str, backend: str) -> str:
+    """The shell command that trains ``chapter``'s study at book scale into ``results/studies``."""
+    return (f"python -m onestep batch --chapters {chapter} --backend {backend} --scale book --param study=run "
+            "--out results/studies")
+
+
+def committed_study(chapter: str, backend: str, root: Path = RESULTS) -> Path | None:
+    """The ``metrics.json`` of ``chapter``'s committed book-scale study run (one that holds a ``study``):
+    this backend's, else the other backend's; None when neither is committed."""
+    for b in dict.fromkeys((backend, "jax", "torch")):
+        path = Path(root) / "studies" / f"{chapter}-{b}-book" / "metrics.json"
+        if path.is_file() and "study" in json.loads(path.read_text()):
+            return path
+    return None
 
 
 def over_seeds(per_seed: dict, keys, fmt: str = "{:.3f}") -> dict:

@@ -42,6 +42,7 @@ class Scale:
     n_eval: int  # samples scored by W2 / MMD, and noise points of the flow-map error
     n_map: int
     n_images: int  # generated images per Fréchet distance
+    redraws: int  # fresh noise draws of one trained model: its sampler's own spread of a score
     ict_n_end: int  # iCT's last grid size: fewer doublings in shorter runs (the paper: 1280 over 400k steps)
     target_ema: float  # an EMA that is a target network must be short against the run (CTM: 0.999)
     longer_runs: dict = field(default_factory=dict)  # data set -> training steps, where the default is short
@@ -55,19 +56,19 @@ SCALE_TABLE = {
                                         ckpt_every=100),
                    train_images=TrainConfig(steps=400, batch_size=256, lr=3e-3, ema_decay=0.99, log_every=50,
                                             ckpt_every=100),
-                   n_train_2d=20_000, n_eval=500, n_map=300, n_images=300, ict_n_end=80, target_ema=0.99),
+                   n_train_2d=20_000, n_eval=500, n_map=300, n_images=300, redraws=2, ict_n_end=80, target_ema=0.99),
     "book": Scale(mlp_2d=(128, 3), mlp_digits=(256, 3), unet_base=None,
                   train_2d=TrainConfig(steps=3000, batch_size=512, lr=2e-3, ema_decay=0.998, log_every=250,
                                        ckpt_every=500),
                   train_images=TrainConfig(steps=2000, batch_size=256, lr=2e-3, ema_decay=0.995, log_every=250,
                                            ckpt_every=500),
-                  n_train_2d=100_000, n_eval=2000, n_map=2000, n_images=1000, ict_n_end=320, target_ema=0.995),
+                  n_train_2d=100_000, n_eval=2000, n_map=2000, n_images=1000, redraws=4, ict_n_end=320, target_ema=0.995),
     "full": Scale(mlp_2d=(512, 4), mlp_digits=None, unet_base=None,
                   train_2d=TrainConfig(steps=20_000, batch_size=4096, lr=1e-3, ema_decay=0.9995, log_every=500,
                                        ckpt_every=5000),
                   train_images=TrainConfig(steps=60_000, batch_size=128, lr=2e-4, ema_decay=0.9999, grad_clip=1.0,
                                            log_every=1000, ckpt_every=10_000),
-                  n_train_2d=1_000_000, n_eval=10_000, n_map=10_000, n_images=10_000, ict_n_end=1280,
+                  n_train_2d=1_000_000, n_eval=10_000, n_map=10_000, n_images=10_000, redraws=4, ict_n_end=1280,
                   target_ema=0.999, longer_runs={"cifar10": 200_000}),
 }
 # base width, channel multipliers, attention resolutions.  CIFAR-10: DDPM++'s 128 channels over four
@@ -79,6 +80,9 @@ FID_RUNS = {"cifar10": {"eval_n": 50_000, "periodic_eval_n": 10_000, "eval_every
 EVAL_STEPS = {"fm": 32}  # sampler steps the CLI evaluates a run with; one step for every other method
 LABEL_DROPOUT = 0.1  # class-conditional runs train 10% of rows unconditionally (classifier-free guidance)
 CT_BOOK_CHANGES = {"target": "online", "weighting": "inv_dsigma"}  # CT as the book trains it (see _method_cfg)
+# iCT's last grid in Chapter 2's 1500-step runs: the largest last size whose mean one-step W2 is within one
+# seed-spread of the best in the chapter's study (both backends; the scale's 320 is for 3000-step runs)
+BOOK_ICT_N_END = 80
 
 
 @dataclass(frozen=True)
@@ -236,12 +240,18 @@ class FlowMatchingChapter:
     image_step_counts: tuple = (1, 2, 4, 16, 64)
     n_images: int = 1000  # generated images for the classifier-feature Fréchet distance
     anim_frames: int = 25
+    redraws: int = 4  # fresh noise draws of one trained model: its sampler's own spread of W2
     seeds: tuple = (0, 1, 2)  # training seeds of the committed batch runs the chapter summarises
 
 
 def _sizes(scale: str) -> dict:
     table = SCALE_TABLE[scale]
     return {"n_eval": table.n_eval, "n_map": table.n_map, "n_images": table.n_images}
+
+
+def _redraws(scale: str) -> dict:
+    """The noise redraws of Chapters 1–4, which score one trained model on fresh sampler noise."""
+    return {"redraws": SCALE_TABLE[scale].redraws}
 
 
 def flow_matching_chapter(scale: str) -> FlowMatchingChapter:
@@ -254,7 +264,7 @@ def flow_matching_chapter(scale: str) -> FlowMatchingChapter:
         runs["digits"] = replace(runs["digits"], train=replace(runs["digits"].train, steps=20_000))
     per_scale = {"smoke": {"step_counts": (1, 2, 4, 8), "image_step_counts": (1, 4), "anim_frames": 4},
                  "book": {}, "full": {"image_sets": sets}}
-    return FlowMatchingChapter(runs=runs, **_sizes(scale), **per_scale[scale])
+    return FlowMatchingChapter(runs=runs, **_sizes(scale), **_redraws(scale), **per_scale[scale])
 
 
 @dataclass(frozen=True)
@@ -284,7 +294,12 @@ class ConsistencyChapter:
     image_variant: str = "sct"
     image_step_counts: tuple = (1, 2, 4)
     n_images: int = 1000
+    redraws: int = 4  # fresh noise draws of one trained model: its sampler's own spread of W2
     seeds: tuple = (0, 1, 2)  # training seeds of the committed batch runs the chapter summarises
+    # the study of where iCT stops doubling: its last grid sizes, trained on seeds the comparison does not use
+    ict_n_ends: tuple = (20, 40, 80, 160, 320)
+    study_seeds: tuple = (10, 11, 12)
+    study: str = "run"  # "run": train the study here; "results": read it from the committed book run
 
 
 def consistency_chapter(scale: str) -> ConsistencyChapter:
@@ -299,6 +314,8 @@ def consistency_chapter(scale: str) -> ConsistencyChapter:
             **{v: run_preset("cm", "8gaussians", scale, variant=v, **steps) for v in cm.VARIANTS},
             **{name: run_preset("cm", name, scale, conditional=True, variant=variant, **steps) for name in sets}}
     runs["cd_fm"] = runs["cd"]
+    if scale == "book":  # the chapter's study of where iCT stops doubling, on seeds the comparison does not use
+        runs["ict"] = replace(runs["ict"], method_cfg=replace(runs["ict"].method_cfg, n_end=BOOK_ICT_N_END))
     runs["ict_unstopped"] = replace(runs["ict"], method_cfg=replace(runs["ict"].method_cfg, target="unstopped"))
     paper_ct = run_preset("cm", "8gaussians", scale, variant="ct", **steps)
     paper_cfg = cm.variant_config("ct", sigma_data=paper_ct.method_cfg.sigma_data)  # as published
@@ -310,9 +327,10 @@ def consistency_chapter(scale: str) -> ConsistencyChapter:
         # one run per code path (network teacher, discrete, continuous): each run costs a JAX compilation
         "smoke": {"compare": ("cd_fm", "ict", "sct"), "ablations": (),
                   "tradeoff_grids": (), "grid_sizes": (1, 2, 4, 8, 16, 32), "n_paths": 100,
-                  "gap_ratios": (1 / 8, 1 / 32, 1 / 128), "n_gap": 16},
-        # sCD's tangent is checked in the chapter; its run is left to full scale to make room for the digits
-        "book": {"compare": ("cd", "cd_fm", "ct", "ict", "sct")},
+                  "gap_ratios": (1 / 8, 1 / 32, 1 / 128), "n_gap": 16, "ict_n_ends": (20,), "study_seeds": (10,)},
+        # sCD's tangent is checked in the chapter; its run is left to full scale to make room for the digits;
+        # the study's 15 runs do not fit the book's budget: the book reads the committed run
+        "book": {"compare": ("cd", "cd_fm", "ct", "ict", "sct"), "study": "results"},
         "full": {},
     }[scale]
     for n in per_scale.get("tradeoff_grids", ConsistencyChapter.tradeoff_grids):
@@ -322,7 +340,8 @@ def consistency_chapter(scale: str) -> ConsistencyChapter:
                                    train=replace(runs["ct"].train, steps=runs["ct"].train.steps // 2))
     return ConsistencyChapter(runs=runs, teachers={"cd": "exact", "cd_fm": "fm_teacher", "scd": "exact"},
                               gaussian_cfg=run_preset("cm", "gaussian", scale, variant="sct").method_cfg,
-                              image_sets=sets, image_variant=variant, **_sizes(scale), **per_scale)
+                              image_sets=sets, image_variant=variant, **_sizes(scale), **_redraws(scale),
+                              **per_scale)
 
 
 @dataclass(frozen=True)
@@ -340,6 +359,7 @@ class ConsistencyTrajectoryChapter:
     image_sets: tuple = ()  # class-conditional image runs, each distilled from an FM run "<set>_teacher"
     image_step_counts: tuple = (1, 2, 4)
     n_images: int = 1000
+    redraws: int = 4  # fresh noise draws of one trained model: its sampler's own spread of W2
     seeds: tuple = (0, 1, 2)  # training seeds of the committed batch runs the chapter summarises
 
 
@@ -358,8 +378,7 @@ def consistency_trajectory_chapter(scale: str) -> ConsistencyTrajectoryChapter:
         runs[name] = run_preset("ctm", name, scale, conditional=True)
     per_scale = {"smoke": {"teacher_eval_steps": 8, "n_map": 300, "split_points": 4},
                  "book": {"n_map": 1000, "split_points": 16}, "full": {}}[scale]
-    sizes = _sizes(scale)
-    return ConsistencyTrajectoryChapter(runs=runs, image_sets=sets, **{**sizes, **per_scale})
+    return ConsistencyTrajectoryChapter(runs=runs, image_sets=sets, **{**_sizes(scale), **_redraws(scale), **per_scale})
 
 
 @dataclass(frozen=True)
@@ -375,7 +394,7 @@ class ShortcutChapter:
     image_sets: tuple = ("digits",)  # class-conditional image runs
     image_step_counts: tuple = (1, 4, 128)
     n_images: int = 1000
-    redraws: int = 4  # further noise draws of one trained model: the sampler's own spread of W2
+    redraws: int = 4  # fresh noise draws of one trained model: its sampler's own spread of W2
     seeds: tuple = (0, 1, 2)  # training seeds of the committed batch runs the chapter summarises
 
 
@@ -385,9 +404,9 @@ def shortcut_chapter(scale: str) -> ShortcutChapter:
     runs = {"8gaussians": run_preset("shortcut", "8gaussians", scale),
             "cm": run_preset("cm", "8gaussians", scale, variant="cd"),
             **{name: run_preset("shortcut", name, scale, conditional=True) for name in sets}}
-    per_scale = {"smoke": {"n_order": 50, "step_counts": (1, 4, 16, 128), "redraws": 1}, "book": {},
+    per_scale = {"smoke": {"n_order": 50, "step_counts": (1, 4, 16, 128)}, "book": {},
                  "full": {}}[scale]
-    return ShortcutChapter(runs=runs, image_sets=sets, **_sizes(scale), **per_scale)
+    return ShortcutChapter(runs=runs, image_sets=sets, **_sizes(scale), **_redraws(scale), **per_scale)
 
 
 @dataclass(frozen=True)

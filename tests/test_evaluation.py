@@ -11,8 +11,10 @@ from onestep import metrics
 from onestep.analytic import eight_gaussians
 from onestep.evaluation import (
     committed_seeds,
+    committed_study,
     evaluate,
     mode_spread,
+    noise_redraw_score,
     over_seeds,
     perfect_over_seeds,
     perfect_sampler_score,
@@ -20,6 +22,7 @@ from onestep.evaluation import (
     sampling_over_seeds,
     seed_command,
     seed_run_dir,
+    study_command,
 )
 
 
@@ -100,3 +103,59 @@ def test_perfect_sampler_and_sampling_tables_over_seeds():
     assert rows[1]["stats"]["class_accuracy"]["values"] == {0: 0.9, 1: 0.91, 2: 0.92}
     with pytest.raises(ValueError, match=r"seed 1's table has steps \[1\]; every seed needs the same \[1, 4\]"):
         sampling_over_seeds({0: tables[0], 1: tables[1][:1]})
+
+
+def test_noise_redraw_score_moves_only_with_the_noise():
+    seen = []
+
+    def sample(z):  # a fixed "model": a shift of its noise
+        seen.append(z)
+        return z + 1.0
+
+    score = noise_redraw_score(sample, lambda x: {"mean": float(x.mean()), "one": 1.0}, (500, 2), draws=3, seed=4)
+    assert [z.shape for z in seen] == [(500, 2)] * 3 and len({float(z[0, 0]) for z in seen}) == 3  # fresh draws
+    assert score["mean"]["values"] == pytest.approx([float(z.mean()) + 1.0 for z in seen], rel=1e-12)
+    assert score["mean"]["std"] == pytest.approx(np.std(score["mean"]["values"], ddof=1))
+    # of the size of the mean of 1000 standard normals, not zero: the noise alone moves a score
+    assert 0.005 < score["mean"]["std"] < 0.1
+    assert score["one"] == {"mean": 1.0, "std": 0.0, "values": [1.0, 1.0, 1.0]}  # no noise, no spread
+    again = noise_redraw_score(sample, lambda x: {"mean": float(x.mean())}, (500, 2), draws=3, seed=4)
+    other = noise_redraw_score(sample, lambda x: {"mean": float(x.mean())}, (500, 2), draws=3, seed=5)
+    assert again["mean"]["values"] == score["mean"]["values"] and other["mean"]["values"] != score["mean"]["values"]
+    with pytest.raises(ValueError, match=r"draws must be an integer ≥ 2.*got 1"):
+        noise_redraw_score(sample, lambda x: {}, (5, 2), draws=1)
+
+
+def test_committed_study_prefers_this_backend_and_needs_a_study(tmp_path):
+    def commit(backend, content):
+        path = tmp_path / "studies" / f"meanflow-{backend}-book"
+        path.mkdir(parents=True)
+        (path / "metrics.json").write_text(json.dumps(content))
+        return path / "metrics.json"
+
+    assert committed_study("meanflow", "torch", root=tmp_path) is None
+    jax_file = commit("jax", {"study": []})
+    assert committed_study("meanflow", "torch", root=tmp_path) == jax_file  # the other backend's, for want of one
+    torch_file = commit("torch", {"study_read_from": "elsewhere"})  # a run that read the study, not one that made it
+    assert committed_study("meanflow", "torch", root=tmp_path) == jax_file
+    torch_file.write_text(json.dumps({"study": []}))
+    assert committed_study("meanflow", "torch", root=tmp_path) == torch_file
+    assert study_command("meanflow", "jax") == ("python -m onestep batch --chapters meanflow --backend jax --scale book "
+                                                "--param study=run --out results/studies")
+
+
+@pytest.mark.parametrize("chapter", ["flow_matching", "consistency_models", "consistency_trajectory_models",
+                                     "shortcut_models"])
+def test_committed_seed_runs_keep_their_numbers_and_the_noise_redraw_spread(chapter):
+    """Chapters 1–4 compare methods over the committed per-seed runs; each run's metrics.json keeps its own
+    numbers and how much its scores move when only the sampler's noise is drawn again."""
+    for backend in ("torch", "jax"):
+        runs = committed_seeds(chapter, backend, "book", (0, 1, 2))
+        assert sorted(runs) == [0, 1, 2], f"{chapter}-{backend}: committed seeds {sorted(runs)}"
+        for seed, run in runs.items():
+            assert run["seed"] == seed and run["scale"] == "book" and run["backend"] == backend
+            redraws = run.get("8gaussians", run)["noise_redraws"]
+            assert redraws, f"{chapter}-{backend} seed {seed}: no noise redraws"
+            for setting, scores in redraws.items():
+                w2 = scores["w2"]
+                assert len(w2["values"]) >= 2 and w2["std"] > 0, (chapter, backend, seed, setting)
