@@ -33,11 +33,15 @@ from .runs import CHECKPOINTS, RunDir, fit, provenance, to_jsonable
 
 
 def table(rows: list[dict], cols: list[str] | None = None, fmt: str = "{:.3f}") -> str:
-    """``rows`` as a Markdown table of the columns ``cols`` (default: the first row's keys); floats in ``fmt``."""
+    """``rows`` as a Markdown table of the columns ``cols`` (default: the first row's keys); floats in ``fmt``.
+    A "mean ± spread" cell is kept on one line (no-break spaces), so narrow columns do not split it."""
     cols = cols or list(rows[0])
     head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-    return head + "".join("| " + " | ".join(fmt.format(r[c]) if isinstance(r[c], float) else str(r[c])
-                                            for c in cols) + " |\n" for r in rows)
+
+    def cell(value):
+        return fmt.format(value) if isinstance(value, float) else str(value).replace(" ± ", "\u00a0±\u00a0")
+
+    return head + "".join("| " + " | ".join(cell(r[c]) for c in cols) + " |\n" for r in rows)
 
 
 @dataclass
