@@ -5,7 +5,8 @@ derivation checks), reads the chapter's preset, opens the run directory when ``o
 and starts the clock; ``Chapter.fit`` trains one of the chapter's runs, checkpointing it in the run
 directory (so a chapter stopped half-way, e.g. by a preempted batch job, continues each run where it
 stopped: an unfinished ``<out_dir>.partial`` is resumed, not wiped); ``Chapter.finish`` writes
-``run.json`` and ``metrics.json``, commits the run and returns the summary table.  ``table`` renders result rows as a Markdown table.
+``run.json`` and ``metrics.json``, commits the run and returns the summary table; ``Chapter.study`` trains
+a chapter's study or reads its committed book-scale run.  ``table`` renders result rows as a Markdown table.
 
 Import this module before numpy, torch or JAX in a notebook: it sets one-thread defaults for
 BLAS, torch and XLA (values already in the environment win), steadier on a shared 2-core machine.
@@ -21,6 +22,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,7 @@ import matplotlib.pyplot as plt
 from IPython.display import Markdown
 
 from .backends import get_backend
+from .evaluation import RESULTS, committed_study, study_command
 from .presets import chapter_preset, resolve_scale
 from .runs import CHECKPOINTS, RunDir, fit, provenance, to_jsonable
 
@@ -86,6 +89,29 @@ class Chapter:
             digest = hashlib.sha1(json.dumps(to_jsonable(preset), sort_keys=True).encode()).hexdigest()[:12]
             ckpt = self.run.file(os.path.join(CHECKPOINTS, f"{name}-seed{seed}-{digest}"))
         return fit(self.bk, preset, seed=seed, ckpt_path=ckpt, resume=True, teacher=teacher)
+
+    def study(self, run: Callable[[], Any], choice: str | None, timings: dict) -> tuple[Any, dict]:
+        """The chapter's study: trained here by ``run()`` when ``choice`` (the notebook's ``study``
+        parameter, else the preset's) is "run" or no committed book-scale study exists (its time goes to
+        ``timings["study"]``), else read from the committed run (``evaluation.committed_study``), saying
+        where from and which command remakes it.  Returns ``(study, saved)``: ``saved`` is what
+        ``metrics.json`` keeps of it, ``{"study": study}`` or ``{"study_read_from": path}``."""
+        choice = choice or self.preset.study
+        path = committed_study(self.name, self.params["backend"])
+        if choice == "results" and path is None:
+            print("no committed study run found: training the study here")
+            choice = "run"
+        if choice == "run":
+            start = time.perf_counter()
+            result = run()
+            timings["study"] = time.perf_counter() - start
+            print(f"study trained here in {timings['study']:.0f} s")
+            return result, {"study": result}
+        committed, where = json.loads(path.read_text()), str(path.relative_to(RESULTS.parent))
+        print(f"study read from {where} ({committed['backend']} backend, trained in "
+              f"{committed['train_seconds']['study']:.0f} s on the machine that made it); remake it with:\n"
+              + study_command(self.name, committed["backend"]))
+        return committed["study"], {"study_read_from": where}
 
     @property
     def scale(self) -> str:

@@ -143,6 +143,17 @@ def committed_seeds(chapter: str, backend: str, scale: str, seeds, root: Path = 
     return out
 
 
+def committed_book_run(chapter: str, backend: str, root: Path = RESULTS) -> dict:
+    """``chapter``'s committed book-scale run of training seed 0 (``seed_run_dir``), this backend's when
+    present, else the other's: its metrics with ``"file"``, the path read, relative to the repository;
+    ``{}`` when neither is committed.  Later chapters set their numbers against it."""
+    for b in dict.fromkeys((backend, "torch", "jax")):
+        path = seed_run_dir(chapter, b, "book", 0, root) / "metrics.json"
+        if path.is_file():
+            return json.loads(path.read_text()) | {"file": path.relative_to(Path(root).parent)}
+    return {}
+
+
 def study_command(chapter: str, backend: str) -> str:
     """The shell command that trains ``chapter``'s study at book scale into ``results/studies``."""
     return (f"python -m onestep batch --chapters {chapter} --backend {backend} --scale book --param study=run "

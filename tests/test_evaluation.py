@@ -10,6 +10,7 @@ import pytest
 from onestep import metrics
 from onestep.analytic import eight_gaussians
 from onestep.evaluation import (
+    committed_book_run,
     committed_seeds,
     committed_study,
     evaluate,
@@ -159,3 +160,20 @@ def test_committed_seed_runs_keep_their_numbers_and_the_noise_redraw_spread(chap
             for setting, scores in redraws.items():
                 w2 = scores["w2"]
                 assert len(w2["values"]) >= 2 and w2["std"] > 0, (chapter, backend, seed, setting)
+
+
+def test_committed_book_run_is_seed_zero_of_this_backend_else_the_other(tmp_path):
+    root = tmp_path / "results"
+    assert committed_book_run("flow_matching", "jax", root=root) == {}
+    for backend in ("torch", "jax"):
+        path = seed_run_dir("flow_matching", backend, "book", 0, root=root)
+        path.mkdir(parents=True)
+        (path / "metrics.json").write_text(json.dumps({"backend": backend}))
+    seed1 = seed_run_dir("flow_matching", "jax", "book", 1, root=root)
+    seed1.mkdir(parents=True)
+    (seed1 / "metrics.json").write_text(json.dumps({"backend": "jax", "seed": 1}))
+    found = committed_book_run("flow_matching", "jax", root=root)
+    assert found == {"backend": "jax", "file": seed_run_dir("flow_matching", "jax", "book", 0, root=root)
+                     .relative_to(tmp_path) / "metrics.json"}
+    (seed_run_dir("flow_matching", "jax", "book", 0, root=root) / "metrics.json").unlink()
+    assert committed_book_run("flow_matching", "jax", root=root)["backend"] == "torch"  # the other backend's
